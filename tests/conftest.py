@@ -1,0 +1,8 @@
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+# Parity tests compare float32 results with torch; never let a GPU use TF32 for them.
+jax.config.update("jax_default_matmul_precision", "highest")
