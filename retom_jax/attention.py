@@ -61,6 +61,10 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal=False, implementation
     impl = resolve_implementation(implementation, q.dtype, q.shape[-1])
     if impl == "cudnn" and mask is not None:
         impl = "xla"  # arbitrary boolean masks go through XLA
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=is_causal, implementation=impl
-    )
+    dtype = q.dtype
+    if impl == "xla" and dtype == jnp.float16 and jax.default_backend() == "cpu":
+        # XLA:CPU has no fp16 dot with fp32 accumulation: compute in fp32 there.
+        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                       implementation=impl)
+    return out.astype(dtype)

@@ -35,12 +35,14 @@ def linear(cin, cout, bias=True, *, dtype, param_dtype, rngs):
 
 
 def group_norm(channels, groups, eps, *, dtype, param_dtype, rngs):
+    # use_fast_variance=False: E[(x - mean)^2], which stays exact for the VAE's large activations
     return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+                         param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
 
 
 def layer_norm(channels, eps, *, dtype, param_dtype, rngs):
-    return nnx.LayerNorm(channels, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return nnx.LayerNorm(channels, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+                         use_fast_variance=False, rngs=rngs)
 
 
 def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool, freq_shift: float,

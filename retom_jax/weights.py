@@ -137,15 +137,15 @@ def resolve_folder(path_or_repo_id, subfolder: str | None = None) -> Path:
     repo_id = str(path_or_repo_id)
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
         raise CheckpointError(f"{repo_id!r} is neither a local folder nor a Hugging Face repo id")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub import constants, snapshot_download
 
+    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
     try:
-        root = Path(snapshot_download(repo_id, local_files_only=True))
+        root = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache))
     except Exception:
         raise CheckpointError(
             f"{repo_id!r} is not a local folder and is not in the local Hugging Face cache "
-            f"({HF_HUB_CACHE}). retom-jax never downloads weights: fetch them where there is "
+            f"({cache}). retom-jax never downloads weights: fetch them where there is "
             f"network (`hf download {repo_id}`), then pass the folder or copy the cache here."
         ) from None
     return resolve_folder(root, subfolder)

@@ -1,0 +1,571 @@
+"""UNet2DConditionModel for SD1.x, SD2.x and SDXL in Flax NNX, with token merging.
+
+Module and attribute names follow diffusers, so a checkpoint's keys map through the short
+table in ``weights.py``. Internally NHWC; the public call takes and returns NCHW.
+
+Token merging (``merge=ToMe(...) | ReToM(...) | ToDo(...)``) happens inside
+``BasicTransformerBlock`` at the levels the config selects, exactly where tomesd does it:
+the plan comes from the block's input, each enabled branch is merged after its norm and
+unmerged before its residual add. ``MergeContext`` hands each block its plan and collects
+the state ReToM carries from one denoising step to the next.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import weights
+from .attention import check_implementation
+from .layers import (Attention, Downsample2D, FeedForward, ResnetBlock2D, TimestepEmbedding,
+                     Upsample2D, conv, group_norm, layer_norm, linear, timestep_embedding)
+
+# --------------------------------------------------------------------------- config
+
+_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
+_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+# Options we do not implement, with the values that mean "off" in diffusers.
+_OFF = {
+    "class_embed_type": (None,), "num_class_embeds": (None,), "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,), "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,), "time_cond_proj_dim": (None,), "timestep_post_act": (None,),
+    "time_embedding_act_fn": (None,), "resnet_time_scale_shift": ("default",),
+    "dual_cross_attention": (False,), "attention_type": ("default",),
+    "class_embeddings_concat": (False,), "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,), "cross_attention_norm": (None,), "act_fn": ("silu",),
+    "center_input_sample": (False,), "mid_block_only_cross_attention": (None, False),
+}
+
+
+def _per_level(value, n, name):
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"UNet config: {name} has {len(value)} entries for {n} blocks")
+        if any(isinstance(v, (list, tuple)) for v in value):
+            raise ValueError(f"UNet config: per-layer nested {name} is not supported")
+        return tuple(value)
+    return (value,) * n
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """The fields of a diffusers ``UNet2DConditionModel`` config that shape the model."""
+    in_channels: int = 4
+    out_channels: int = 4
+    sample_size: int | None = None
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: tuple = (2, 2, 2, 2)
+    transformer_layers_per_block: tuple = (1, 1, 1, 1)
+    reverse_transformer_layers_per_block: tuple | None = None
+    num_attention_heads: tuple = (8, 8, 8, 8)
+    cross_attention_dim: tuple = (768, 768, 768, 768)
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    only_cross_attention: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "UNetConfig":
+        for key, off in _OFF.items():
+            if cfg.get(key, off[0]) not in off:
+                raise ValueError(f"UNet config: {key}={cfg[key]!r} is not supported "
+                                 f"(retom-jax covers the SD1.x, SD2.x and SDXL UNets)")
+        n = len(cfg.get("down_block_types", cls.down_block_types))
+        for kind, allowed in (("down_block_types", _DOWN), ("up_block_types", _UP)):
+            for t in cfg.get(kind, getattr(cls, kind)):
+                if t not in allowed:
+                    raise ValueError(f"UNet config: {kind} entry {t!r} is not supported; "
+                                     f"supported: {allowed}")
+        mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+        if mid not in ("UNetMidBlock2DCrossAttn", None):
+            raise ValueError(f"UNet config: mid_block_type {mid!r} is not supported")
+        add = cfg.get("addition_embed_type")
+        if add not in (None, "text_time"):
+            raise ValueError(f"UNet config: addition_embed_type {add!r} is not supported "
+                             f"(None or 'text_time')")
+        only_cross = cfg.get("only_cross_attention", False)
+        if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
+            raise ValueError("UNet config: only_cross_attention is not supported")
+        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+        rev = cfg.get("reverse_transformer_layers_per_block")
+        return cls(
+            in_channels=cfg.get("in_channels", 4),
+            out_channels=cfg.get("out_channels", 4),
+            sample_size=cfg.get("sample_size"),
+            down_block_types=tuple(cfg.get("down_block_types", cls.down_block_types)),
+            up_block_types=tuple(cfg.get("up_block_types", cls.up_block_types)),
+            mid_block_type=mid,
+            block_out_channels=tuple(cfg.get("block_out_channels", cls.block_out_channels)),
+            layers_per_block=_per_level(cfg.get("layers_per_block", 2), n, "layers_per_block"),
+            transformer_layers_per_block=_per_level(
+                cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block"),
+            reverse_transformer_layers_per_block=(
+                None if rev is None else _per_level(rev, n, "reverse_transformer_layers_per_block")),
+            num_attention_heads=_per_level(heads, n, "num_attention_heads"),
+            cross_attention_dim=_per_level(cfg.get("cross_attention_dim", 1280), n,
+                                           "cross_attention_dim"),
+            downsample_padding=cfg.get("downsample_padding", 1),
+            mid_block_scale_factor=cfg.get("mid_block_scale_factor", 1.0),
+            norm_num_groups=cfg.get("norm_num_groups", 32),
+            norm_eps=cfg.get("norm_eps", 1e-5),
+            use_linear_projection=bool(cfg.get("use_linear_projection", False)),
+            upcast_attention=bool(cfg.get("upcast_attention", False)),
+            flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
+            freq_shift=cfg.get("freq_shift", 0),
+            conv_in_kernel=cfg.get("conv_in_kernel", 3),
+            conv_out_kernel=cfg.get("conv_out_kernel", 3),
+            addition_embed_type=add,
+            addition_time_embed_dim=cfg.get("addition_time_embed_dim"),
+            projection_class_embeddings_input_dim=cfg.get("projection_class_embeddings_input_dim"),
+        )
+
+    @property
+    def num_upsamplers(self) -> int:
+        return len(self.block_out_channels) - 1
+
+    def attention_downsamples(self) -> tuple[int, ...]:
+        """Downsample factors (1, 2, 4, ...) of the levels that have transformer blocks."""
+        levels = {2 ** i for i, t in enumerate(self.down_block_types) if t.startswith("CrossAttn")}
+        if self.mid_block_type is not None:
+            levels.add(2 ** (len(self.down_block_types) - 1))
+        return tuple(sorted(levels))
+
+
+# --------------------------------------------------------------------------- merging seam
+
+@dataclasses.dataclass
+class BlockMerge:
+    """What one transformer block does to its branches (identity by default)."""
+    m_a: Any = None
+    u_a: Any = None
+    m_c: Any = None
+    u_c: Any = None
+    m_m: Any = None
+    u_m: Any = None
+    kv_down: Any = None  # ToDo: pools the normed tokens used as keys/values of attn1
+
+
+def _same(x):
+    return x
+
+
+class MergeContext:
+    """Trace-time helper: hands each transformer block its merge plan.
+
+    Lives only while one UNet call is being traced. Blocks are numbered in call order,
+    which is fixed by the architecture, so the ReToM cache of block ``i`` always comes back
+    to block ``i``.
+    """
+
+    def __init__(self, config, latent_hw, key=None, state=None):
+        self.config, self.latent_hw, self.key = config, latent_hw, key
+        self.state = state
+        self.new_blocks = {}
+        self.count = 0
+        if state is not None and getattr(config, "cache_step", None) is not None:
+            self.use_cache = config.use_cache(state["step"])
+        else:
+            self.use_cache = None
+
+    def downsample_of(self, num_tokens: int) -> int:
+        h, w = self.latent_hw
+        return int(math.ceil(math.sqrt(h * w // num_tokens)))
+
+    def block(self, x, hw) -> BlockMerge:
+        index, self.count = self.count, self.count + 1
+        cfg = self.config
+        downsample = self.downsample_of(x.shape[1])
+        if cfg is None or not cfg.applies(downsample):
+            return BlockMerge()
+        if hasattr(cfg, "downsample"):  # ToDo: no plan, keys/values pooled
+            return BlockMerge(kv_down=lambda t: cfg.downsample(t, hw))
+        if hasattr(cfg, "plan_cached"):  # ReToM
+            if self.use_cache is not None:
+                cache = self.state["blocks"][str(index)]
+                m, u, new = cfg.plan_cached(x, hw, cache, self.use_cache, downsample=downsample)
+            elif self.state is None and getattr(cfg, "cache_step", None) is not None:
+                # No state given: plan afresh, and report the cache a first step would leave.
+                cache = cfg.init_cache(x.shape[0], hw, downsample=downsample)
+                m, u, new = cfg.plan_cached(x, hw, cache, jnp.array(False), downsample=downsample)
+            else:
+                m, u = cfg.plan(x, hw, downsample=downsample)
+                new = None
+            if new is not None:
+                self.new_blocks[str(index)] = new
+        else:  # ToMe
+            key = None if self.key is None else jax.random.fold_in(self.key, index)
+            m, u = cfg.plan(x, hw, key=key)
+        on = (cfg.merge_attn, cfg.merge_crossattn, cfg.merge_mlp)
+        pick = [(m, u) if flag else (None, None) for flag in on]
+        return BlockMerge(*pick[0], *pick[1], *pick[2])
+
+    def new_state(self):
+        step = self.state["step"] if self.state is not None else jnp.zeros((), jnp.int32)
+        return {"step": step + 1, "blocks": self.new_blocks}
+
+
+# --------------------------------------------------------------------------- blocks
+
+class BasicTransformerBlock(nnx.Module):
+    def __init__(self, dim, heads, head_dim, cross_dim, *, attention, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = layer_norm(dim, 1e-5, **kw)
+        self.attn1 = Attention(dim, None, heads, head_dim, attention=attention, **kw)
+        self.norm2 = layer_norm(dim, 1e-5, **kw)
+        self.attn2 = Attention(dim, cross_dim, heads, head_dim, attention=attention, **kw)
+        self.norm3 = layer_norm(dim, 1e-5, **kw)
+        self.ff = FeedForward(dim, **kw)
+
+    def __call__(self, x, context, hw, ctx: MergeContext | None, attention=None):
+        bm = ctx.block(x, hw) if ctx is not None else BlockMerge()
+        m_a, u_a = bm.m_a or _same, bm.u_a or _same
+        m_c, u_c = bm.m_c or _same, bm.u_c or _same
+        m_m, u_m = bm.m_m or _same, bm.u_m or _same
+
+        h = m_a(self.norm1(x))
+        kv = bm.kv_down(h) if bm.kv_down is not None else None
+        x = u_a(self.attn1(h, kv, attention=attention)) + x
+        x = u_c(self.attn2(m_c(self.norm2(x)), context, attention=attention)) + x
+        x = u_m(self.ff(m_m(self.norm3(x)))) + x
+        return x
+
+
+class Transformer2DModel(nnx.Module):
+    def __init__(self, heads, head_dim, channels, num_layers, cross_dim, groups,
+                 linear_projection, *, attention, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        inner = heads * head_dim
+        self.norm = group_norm(channels, groups, 1e-6, **kw)
+        proj = (lambda a, b: linear(a, b, **kw)) if linear_projection else (
+            lambda a, b: conv(a, b, kernel=1, **kw))
+        self.proj_in = proj(channels, inner)
+        self.transformer_blocks = nnx.List([
+            BasicTransformerBlock(inner, heads, head_dim, cross_dim, attention=attention, **kw)
+            for _ in range(num_layers)])
+        self.proj_out = proj(inner, channels)
+        self.linear_projection = linear_projection
+
+    def __call__(self, x, context, ctx=None, attention=None):
+        b, h, w, c = x.shape
+        residual = x
+        x = self.norm(x)
+        if self.linear_projection:
+            x = self.proj_in(x.reshape(b, h * w, c))
+        else:
+            x = self.proj_in(x)
+            x = x.reshape(b, h * w, x.shape[-1])
+        for block in self.transformer_blocks:
+            x = block(x, context, (h, w), ctx, attention)
+        if self.linear_projection:
+            x = self.proj_out(x).reshape(b, h, w, c)
+        else:
+            x = self.proj_out(x.reshape(b, h, w, x.shape[-1]))
+        return x + residual
+
+
+class DownBlock(nnx.Module):
+    """``CrossAttnDownBlock2D`` (with ``attentions``) or ``DownBlock2D`` (without)."""
+
+    def __init__(self, cfg: UNetConfig, i, cin, cout, temb, *, attention, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        n = cfg.layers_per_block[i]
+        res = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps)
+        self.resnets = nnx.List([ResnetBlock2D(cin if j == 0 else cout, cout, temb, **res, **kw)
+                                 for j in range(n)])
+        heads = cfg.num_attention_heads[i]
+        self.attentions = nnx.List([
+            Transformer2DModel(heads, cout // heads, cout, cfg.transformer_layers_per_block[i],
+                               cfg.cross_attention_dim[i], cfg.norm_num_groups,
+                               cfg.use_linear_projection, attention=attention, **kw)
+            for _ in range(n)]) if cfg.down_block_types[i].startswith("CrossAttn") else None
+        self.downsamplers = (nnx.List([Downsample2D(cout, cout, cfg.downsample_padding, **kw)])
+                             if i < len(cfg.block_out_channels) - 1 else None)
+
+    def __call__(self, x, temb, context, ctx, attention):
+        skips = []
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[j](x, context, ctx, attention)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nnx.Module):
+    """``CrossAttnUpBlock2D`` or ``UpBlock2D``: resnets over concatenated skips."""
+
+    def __init__(self, cfg: UNetConfig, i, prev, cout, skip_in, temb, *, attention, dtype,
+                 param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        rev = lambda t: tuple(reversed(t))  # noqa: E731
+        n = rev(cfg.layers_per_block)[i] + 1
+        res = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps)
+        self.resnets = nnx.List([
+            ResnetBlock2D((prev if j == 0 else cout) + (skip_in if j == n - 1 else cout), cout,
+                          temb, **res, **kw) for j in range(n)])
+        heads = rev(cfg.num_attention_heads)[i]
+        layers = (cfg.reverse_transformer_layers_per_block
+                  or rev(cfg.transformer_layers_per_block))[i]
+        self.attentions = nnx.List([
+            Transformer2DModel(heads, cout // heads, cout, layers, rev(cfg.cross_attention_dim)[i],
+                               cfg.norm_num_groups, cfg.use_linear_projection,
+                               attention=attention, **kw)
+            for _ in range(n)]) if cfg.up_block_types[i].startswith("CrossAttn") else None
+        self.upsamplers = (nnx.List([Upsample2D(cout, cout, **kw)])
+                           if i < len(cfg.block_out_channels) - 1 else None)
+
+    def __call__(self, x, skips, temb, context, ctx, attention, size=None):
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb)
+            if self.attentions is not None:
+                x = self.attentions[j](x, context, ctx, attention)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, size)
+        return x
+
+
+class UNetMidBlock2DCrossAttn(nnx.Module):
+    def __init__(self, cfg: UNetConfig, temb, *, attention, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        c = cfg.block_out_channels[-1]
+        heads = cfg.num_attention_heads[-1]
+        res = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps,
+                   output_scale_factor=cfg.mid_block_scale_factor)
+        self.attentions = nnx.List([Transformer2DModel(
+            heads, c // heads, c, cfg.transformer_layers_per_block[-1], cfg.cross_attention_dim[-1],
+            cfg.norm_num_groups, cfg.use_linear_projection, attention=attention, **kw)])
+        self.resnets = nnx.List([ResnetBlock2D(c, c, temb, **res, **kw) for _ in range(2)])
+
+    def __call__(self, x, temb, context, ctx, attention):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context, ctx, attention)
+        return self.resnets[1](x, temb)
+
+
+class UNet2DConditionModel(nnx.Module):
+    """The NNX module. Use ``UNet`` (from ``load_unet``) for the NCHW public call."""
+
+    def __init__(self, cfg: UNetConfig, *, attention="auto", dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        ch = cfg.block_out_channels
+        temb = ch[0] * 4
+        self.config = cfg
+        self.conv_in = conv(cfg.in_channels, ch[0], cfg.conv_in_kernel, **kw)
+        self.time_embedding = TimestepEmbedding(ch[0], temb, **kw)
+        self.add_embedding = (
+            TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb, **kw)
+            if cfg.addition_embed_type == "text_time" else None)
+        self.down_blocks = nnx.List([
+            DownBlock(cfg, i, ch[max(i - 1, 0)], ch[i], temb, attention=attention, **kw)
+            for i in range(len(ch))])
+        self.mid_block = (UNetMidBlock2DCrossAttn(cfg, temb, attention=attention, **kw)
+                          if cfg.mid_block_type else None)
+        rch = tuple(reversed(ch))
+        self.up_blocks = nnx.List([
+            UpBlock(cfg, i, rch[max(i - 1, 0)], rch[i], rch[min(i + 1, len(ch) - 1)], temb,
+                    attention=attention, **kw)
+            for i in range(len(ch))])
+        self.conv_norm_out = group_norm(ch[0], cfg.norm_num_groups, cfg.norm_eps, **kw)
+        self.conv_out = conv(ch[0], cfg.out_channels, cfg.conv_out_kernel, **kw)
+        self.dtype = dtype
+
+    def __call__(self, sample, timesteps, context, text_embeds=None, time_ids=None,
+                 ctx: MergeContext | None = None, attention=None):
+        cfg = self.config
+        b = sample.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (b,))
+        emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        emb = self.time_embedding(emb.astype(self.dtype))
+        if self.add_embedding is not None:
+            tids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                      cfg.flip_sin_to_cos, cfg.freq_shift).reshape(b, -1)
+            add = jnp.concatenate([text_embeds.astype(jnp.float32), tids], axis=-1)
+            emb = emb + self.add_embedding(add.astype(self.dtype))
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, s = block(x, emb, context, ctx, attention)
+            skips.extend(s)
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb, context, ctx, attention)
+        up_factor = 2 ** cfg.num_upsamplers
+        odd = any(d % up_factor for d in sample.shape[1:3])
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            mine, skips = skips[-n:], skips[:-n]
+            size = tuple(skips[-1].shape[1:3]) if (odd and skips) else None
+            x = block(x, mine, emb, context, ctx, attention, size)
+        x = jax.nn.silu(self.conv_norm_out(x))
+        return self.conv_out(x)
+
+
+# --------------------------------------------------------------------------- public wrapper
+
+class UNet:
+    """A loaded UNet: ``unet(sample, timesteps, encoder_hidden_states, added_cond_kwargs)``.
+
+    ``unet.apply(params, ...)`` is the pure function underneath (use it inside your own
+    ``jax.jit`` so the parameters are arguments, not constants); ``unet(...)`` calls a jitted
+    ``apply`` with ``unet.params``. Arrays are NCHW like diffusers.
+    """
+
+    def __init__(self, config: UNetConfig, graphdef, params, dtype, attention="auto"):
+        self.config, self.graphdef, self.params = config, graphdef, params
+        self.dtype = dtype
+        self.attention = check_implementation(attention)
+        self._jitted = jax.jit(self.apply, static_argnames=("merge", "attention"))
+
+    # -- validation (Python, before tracing)
+    def check_inputs(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None,
+                     merge=None, merge_state=None, key=None):
+        cfg = self.config
+        if getattr(sample, "ndim", None) != 4:
+            raise ValueError(f"sample must be NCHW [batch, {cfg.in_channels}, height, width], "
+                             f"got shape {getattr(sample, 'shape', None)}")
+        b, c, h, w = sample.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"sample has {c} channels, the UNet expects {cfg.in_channels}")
+        ehs = encoder_hidden_states
+        if getattr(ehs, "ndim", None) != 3 or ehs.shape[-1] != cfg.cross_attention_dim[0]:
+            raise ValueError(
+                f"encoder_hidden_states must be [batch, tokens, {cfg.cross_attention_dim[0]}], "
+                f"got shape {getattr(ehs, 'shape', None)}")
+        if ehs.shape[0] != b:
+            raise ValueError(f"encoder_hidden_states has batch {ehs.shape[0]}, sample has {b}")
+        t = jnp.shape(timesteps)
+        if t not in ((), (1,), (b,)):
+            raise ValueError(f"timesteps must be a scalar or have shape [{b}], got {t}")
+        if cfg.addition_embed_type == "text_time":
+            if not added_cond_kwargs or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
+                raise ValueError("this is an SDXL UNet: pass added_cond_kwargs={'text_embeds': "
+                                 "[batch, D], 'time_ids': [batch, 6]}")
+            te, ti = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+            width = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim * ti.shape[-1]
+            if te.shape != (b, width):
+                raise ValueError(f"added_cond_kwargs['text_embeds'] must be [{b}, {width}], "
+                                 f"got {tuple(te.shape)}")
+            if ti.ndim != 2 or ti.shape[0] != b:
+                raise ValueError(f"added_cond_kwargs['time_ids'] must be [{b}, n], got {tuple(ti.shape)}")
+        if merge is not None:
+            self.check_merge(merge, (h, w), key=key, merge_state=merge_state)
+
+    def check_merge(self, merge, latent_hw, key=None, merge_state=None):
+        """Raise ValueError if ``merge`` cannot run on this UNet at this latent size."""
+        if not all(hasattr(merge, a) for a in ("applies", "check_grid")):
+            raise ValueError(f"merge must be ToMe, ReToM or ToDo (or None), got {merge!r}")
+        levels = [d for d in self.config.attention_downsamples() if merge.applies(d)]
+        name = type(merge).__name__
+        if not levels and name != "ToMe":  # tomesd itself silently merges nothing there
+            raise ValueError(
+                f"{name}(max_downsample={merge.max_downsample}) merges nowhere in this UNet: its "
+                f"attention runs at downsample factors {self.config.attention_downsamples()} "
+                f"(SDXL starts at 2): raise max_downsample")
+        for d in levels:
+            grid = tuple(-(-s // d) for s in latent_hw)
+            merge.check_grid(grid, downsample=d)
+        if name == "ToMe" and merge.use_rand and key is None and levels:
+            raise ValueError("ToMe(use_rand=True) draws random destinations: pass key=jax.random.key(...)"
+                             " (or use_rand=False)")
+        if merge_state is not None and getattr(merge, "cache_step", None) is None:
+            raise ValueError("merge_state is only used by ReToM(cache_step=...)")
+
+    def init_merge_state(self, sample_shape, encoder_hidden_states_shape, merge,
+                         added_cond_kwargs=None):
+        """Zero state for a sampling loop with ``ReToM(cache_step=...)``: pass it as
+        ``merge_state`` to the first call and the returned state to each next call."""
+        if getattr(merge, "cache_step", None) is None:
+            raise ValueError("init_merge_state needs ReToM(cache_step=...): nothing else carries state")
+        spec = lambda s: jax.ShapeDtypeStruct(s, self.dtype)  # noqa: E731
+        added = None if added_cond_kwargs is None else jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), added_cond_kwargs)
+        _, state = jax.eval_shape(
+            lambda p, s, e, a: self.apply(p, s, jnp.zeros(()), e, a, merge=merge, _want_state=True),
+            self.params, spec(sample_shape), spec(encoder_hidden_states_shape), added)
+        return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), state)
+
+    # -- pure function
+    def apply(self, params, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None,
+              *, merge=None, merge_state=None, key=None, attention=None, _want_state=False):
+        model = nnx.merge(self.graphdef, params)
+        x = jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype)
+        ctx = None
+        if merge is not None:
+            ctx = MergeContext(merge, x.shape[1:3], key=key, state=merge_state)
+        added = added_cond_kwargs or {}
+        out = model(x, timesteps, encoder_hidden_states.astype(self.dtype),
+                    added.get("text_embeds"), added.get("time_ids"), ctx,
+                    attention or self.attention)
+        out = jnp.transpose(out, (0, 3, 1, 2))
+        if merge_state is not None or _want_state:
+            return out, ctx.new_state()
+        return out
+
+    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None, *,
+                 merge=None, merge_state=None, key=None, attention=None):
+        self.check_inputs(sample, timesteps, encoder_hidden_states, added_cond_kwargs,
+                          merge=merge, merge_state=merge_state, key=key)
+        if attention is not None:
+            check_implementation(attention)
+        return self._jitted(self.params, sample, timesteps, encoder_hidden_states,
+                            added_cond_kwargs, merge=merge, merge_state=merge_state, key=key,
+                            attention=attention)
+
+
+def load_unet(path_or_repo_id, dtype=jnp.float32, param_dtype=None, *, subfolder="unet",
+              variant=None, attention="auto") -> UNet:
+    """Load a diffusers ``UNet2DConditionModel`` folder (or a pipeline folder's ``unet/``,
+    or a repo id in the local Hugging Face cache) into a Flax ``UNet``.
+
+    ``dtype`` is the activation dtype, ``param_dtype`` the stored weights' dtype (defaults
+    to ``dtype``). ``variant="fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``;
+    without it the full-precision file is preferred and the fp16 one is used if alone.
+    """
+    dtype = weights.parse_dtype(dtype)
+    param_dtype = weights.parse_dtype(param_dtype or dtype)
+    check_implementation(attention)
+    folder = weights.resolve_folder(path_or_repo_id, subfolder)
+    raw = weights.read_config(folder)
+    if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise weights.CheckpointError(
+            f"{folder}/config.json describes a {raw['_class_name']}, not a UNet2DConditionModel")
+    config = UNetConfig.from_dict(raw)
+    module = weights.abstract_module(lambda rngs: UNet2DConditionModel(
+        config, attention=attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+    state = weights.read_state_dict(folder, "diffusion_pytorch_model", variant)
+    graphdef, params = weights.load_params(module, state, param_dtype, where=str(folder))
+    return UNet(config, graphdef, params, dtype, attention)
+
+
+def init_unet(config: UNetConfig | dict, key, dtype=jnp.float32, param_dtype=None,
+              attention="auto") -> UNet:
+    """A UNet with random weights (benchmarks, demos): same structure as a checkpoint's."""
+    if isinstance(config, dict):
+        config = UNetConfig.from_dict(config)
+    dtype = weights.parse_dtype(dtype)
+    param_dtype = weights.parse_dtype(param_dtype or dtype)
+    module = UNet2DConditionModel(config, attention=attention, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=nnx.Rngs(key))
+    graphdef, params = nnx.split(module)
+    return UNet(config, graphdef, params, dtype, attention)
