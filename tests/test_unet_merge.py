@@ -1,0 +1,201 @@
+"""Token merging inside the UNet: placement and semantics against torch references.
+
+- ToMe equals diffusers' UNet patched by tomesd itself.
+- ReToM is placed where tomesd places merging: tomesd's patched UNet, with its matching
+  function swapped for ReToM's plan, equals our UNet with ReToM. (ReToM's plans are tested
+  against a NumPy reference in test_merge.py.)
+- ToDo equals diffusers' UNet whose self-attention keys/values are pooled by torch.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tomesd
+import torch
+import torch.nn.functional as F
+
+from retom_jax import ReToM, ToDo, ToMe, load_unet
+from tests.test_unet import inputs, torch_out
+from tests.tiny import FAMILIES, torch_unet
+from tests.util import rel_err
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for name in ("sd1", "sd2", "sdxl"):
+        model = torch_unet(FAMILIES[name])
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        out[name] = (model, load_unet(folder))
+    return out
+
+
+def tomesd_out(model, args, **patch):
+    tomesd.apply_patch(model, **patch)
+    try:
+        return torch_out(model, *args)
+    finally:
+        tomesd.remove_patch(model)
+
+
+@pytest.mark.parametrize("name,ratio,max_downsample,branches", [
+    ("sd1", 0.5, 1, (True, True, True)),    # every branch merged
+    ("sd2", 0.3, 1, (True, False, False)),
+    ("sd2", 0.75, 2, (True, False, False)),  # two levels merged
+    ("sdxl", 0.5, 2, (True, False, False)),  # SDXL's first attention level is at downsample 2
+])
+def test_tome_equals_tomesd(models, name, ratio, max_downsample, branches):
+    model, unet = models[name]
+    args = inputs(name, 2, 13, 10)  # 13 rows: not divisible by the 2x2 stride
+    flags = dict(merge_attn=branches[0], merge_crossattn=branches[1], merge_mlp=branches[2])
+    ref = tomesd_out(model, args, ratio=ratio, max_downsample=max_downsample, use_rand=False,
+                     **flags)
+    out = unet(*args, merge=ToMe(ratio=ratio, max_downsample=max_downsample, use_rand=False,
+                                 **flags))
+    assert rel_err(out, ref) <= 1e-4
+    assert rel_err(ref, torch_out(model, *args)) > 1e-2  # merging really changed the output
+
+
+def test_tome_default_merges_nothing_on_sdxl(models):
+    model, unet = models["sdxl"]
+    args = inputs("sdxl", 2, 8, 8)
+    out = unet(*args, merge=ToMe(use_rand=False))
+    assert rel_err(out, torch_out(model, *args)) <= 1e-4
+
+
+def test_tome_random_destinations_use_the_key(models):
+    _, unet = models["sd1"]
+    args = inputs("sd1", 2, 8, 8)
+    a = unet(*args, merge=ToMe(), key=jax.random.key(0))
+    b = unet(*args, merge=ToMe(), key=jax.random.key(0))
+    c = unet(*args, merge=ToMe(), key=jax.random.key(1))
+    np.testing.assert_array_equal(a, b)
+    assert rel_err(a, c) > 1e-4
+    with pytest.raises(ValueError, match="pass key="):
+        unet(*args, merge=ToMe())
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("sd2", ReToM(ratio=0.5, window=(2, 2), matching="local", max_downsample=2)),
+    ("sd1", ReToM(ratio=0.6, window=(2, 3), matching="global", merge_mlp=True)),
+    ("sdxl", ReToM(ratio=0.5, window=(2, 2), max_downsample=2)),
+])
+def test_retom_sits_where_tomesd_merges(models, monkeypatch, name, cfg):
+    model, unet = models[name]
+    args = inputs(name, 2, 13, 10)
+
+    def retom_matching(metric, w, h, sx, sy, r, no_rand=False, generator=None):
+        merge, unmerge = cfg.plan(jnp.asarray(metric.numpy()), (h, w))
+        as_torch = lambda f: lambda x: torch.from_numpy(np.array(f(jnp.asarray(x.numpy()))))  # noqa: E731
+        return as_torch(merge), as_torch(unmerge)
+
+    monkeypatch.setattr(tomesd.merge, "bipartite_soft_matching_random2d", retom_matching)
+    ref = tomesd_out(model, args, ratio=cfg.ratio, max_downsample=cfg.max_downsample,
+                     use_rand=False, merge_attn=cfg.merge_attn,
+                     merge_crossattn=cfg.merge_crossattn, merge_mlp=cfg.merge_mlp)
+    out = unet(*args, merge=cfg)
+    assert rel_err(out, ref) <= 1e-4
+    assert rel_err(ref, torch_out(model, *args)) > 1e-2
+
+
+def test_ratio_zero_is_the_plain_unet(models):
+    model, unet = models["sd2"]
+    args = inputs("sd2", 2, 8, 8)
+    ref = torch_out(model, *args)
+    for cfg in (ReToM(ratio=0.0, max_downsample=2), ToMe(ratio=0.0, use_rand=False)):
+        assert rel_err(unet(*args, merge=cfg), ref) <= 1e-4
+
+
+def torch_todo_out(model, args, factor, method, max_downsample):
+    """diffusers' UNet with attn1's keys/values pooled on the token grid, in torch."""
+    H, W = args[0].shape[2:]
+
+    def pool(module, a, kw):
+        x = a[0] if a else kw["hidden_states"]
+        n = x.shape[1]
+        down = int(math.ceil(math.sqrt(H * W // n)))
+        if down > max_downsample:
+            return None
+        h, w = math.ceil(H / down), math.ceil(W / down)
+        grid = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        small = F.interpolate(grid, size=(h // factor, w // factor),
+                              mode="nearest" if method == "nearest" else "area")
+        kw["encoder_hidden_states"] = small.flatten(2).transpose(1, 2)
+        return a, kw
+
+    hooks = [m.attn1.register_forward_pre_hook(pool, with_kwargs=True)
+             for m in model.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    try:
+        return torch_out(model, *args)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("name,factor,method,max_downsample", [
+    ("sd1", 2, "nearest", 1), ("sd2", 2, "avg", 2), ("sdxl", 2, "nearest", 2),
+])
+def test_todo_equals_pooled_torch_attention(models, name, factor, method, max_downsample):
+    model, unet = models[name]
+    args = inputs(name, 2, 12, 10)
+    ref = torch_todo_out(model, args, factor, method, max_downsample)
+    out = unet(*args, merge=ToDo(factor=factor, method=method, max_downsample=max_downsample))
+    assert rel_err(out, ref) <= 1e-4
+    assert rel_err(ref, torch_out(model, *args)) > 1e-3
+
+
+def test_retom_cache_is_reused_and_one_program_serves_all_steps(models):
+    _, unet = models["sd2"]
+    cfg = ReToM(ratio=0.5, max_downsample=2, cache_step=1)
+    x, _, ehs, _ = inputs("sd2", 2, 8, 8)
+    state = unet.init_merge_state(x.shape, ehs.shape, cfg)
+    # down: one block at each of downsample 1 and 2; up: two at each
+    assert int(state["step"]) == 0 and len(state["blocks"]) == 6
+    states, outs = [], []
+    rng = np.random.RandomState(5)
+    samples = [x + rng.randn(*x.shape).astype(np.float32) * s for s in (0, 1, 2, 3)]
+    for i, s in enumerate(samples):
+        out, state = unet(s, np.array([900 - 200 * i] * 2), ehs, merge=cfg, merge_state=state)
+        states.append(state)
+        outs.append(out)
+    assert [int(s["step"]) for s in states] == [1, 2, 3, 4]
+    reps = [np.concatenate([np.ravel(b["representatives"]) for b in s["blocks"].values()])
+            for s in states]
+    assert not np.array_equal(reps[0], reps[1])  # steps 0 and 1 choose afresh
+    np.testing.assert_array_equal(reps[1], reps[2])  # later steps reuse step 1's choice
+    np.testing.assert_array_equal(reps[1], reps[3])
+    assert unet._jitted._cache_size() == 1
+    # step 3 with the cache differs from planning afresh on the same input
+    fresh = unet(samples[3], np.array([300, 300]), ehs, merge=ReToM(ratio=0.5, max_downsample=2))
+    assert rel_err(outs[3], fresh) > 1e-6
+    # while step 1 (the caching step itself) is the fresh plan
+    fresh1 = unet(samples[1], np.array([700, 700]), ehs, merge=ReToM(ratio=0.5, max_downsample=2))
+    assert rel_err(outs[1], fresh1) <= 1e-6
+
+
+def test_merge_config_errors_before_compiling(models):
+    _, sdxl = models["sdxl"]
+    _, sd1 = models["sd1"]
+    args = inputs("sdxl", 2, 8, 8)
+    with pytest.raises(ValueError, match="merges nowhere in this UNet.*raise max_downsample"):
+        sdxl(*args, merge=ReToM())
+    with pytest.raises(ValueError, match="window 8x8 is larger than the 4x4 grid"):
+        sdxl(*args, merge=ReToM(window=(8, 8), ratio=0.5, max_downsample=2))
+    with pytest.raises(ValueError, match="ToDo factor 16 is larger"):
+        sd1(*inputs("sd1", 2, 8, 8), merge=ToDo(factor=16))
+    with pytest.raises(ValueError, match="merge_state is only used by ReToM"):
+        sd1(*inputs("sd1", 2, 8, 8), merge=ToMe(use_rand=False), merge_state={})
+    with pytest.raises(ValueError, match="merge must be ToMe, ReToM or ToDo"):
+        sd1(*inputs("sd1", 2, 8, 8), merge="retom")
+    assert sdxl._jitted._cache_size() == 0
+
+
+def test_gradients_flow_through_merged_unet(models):
+    _, unet = models["sd1"]
+    x, t, ehs, _ = inputs("sd1", 2, 8, 8)
+    loss = lambda s: jnp.sum(unet.apply(unet.params, s, t, ehs, merge=ReToM(ratio=0.5)) ** 2)  # noqa: E731
+    g = jax.grad(loss)(jnp.asarray(x))
+    assert np.all(np.isfinite(g)) and float(jnp.abs(g).sum()) > 0
