@@ -70,8 +70,10 @@ def test_tome_random_destinations_use_the_key(models):
     _, unet = models["sd1"]
     args = inputs("sd1", 2, 8, 8)
     a = unet(*args, merge=ToMe(), key=jax.random.key(0))
+    compiled = unet._jitted._cache_size()
     b = unet(*args, merge=ToMe(), key=jax.random.key(0))
     c = unet(*args, merge=ToMe(), key=jax.random.key(1))
+    assert unet._jitted._cache_size() == compiled  # a new key is data, not a new program
     np.testing.assert_array_equal(a, b)
     assert rel_err(a, c) > 1e-4
     with pytest.raises(ValueError, match="pass key="):
