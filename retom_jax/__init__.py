@@ -7,6 +7,8 @@ from .attention import dot_product_attention
 from .clip import (TextEncoder, TextEncoderConfig, TextEncoderOutput, load_text_encoder,
                    load_tokenizer, tokenize)
 from .merge import ReToM, ToDo, ToMe
+from .pipeline import (PipelineOutput, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       load_pipeline)
 from .schedulers import (DDIM, PNDM, DPMSolverMultistep, Euler, EulerAncestral,
                          load_scheduler)
 from .schedulers import from_config as scheduler_from_config

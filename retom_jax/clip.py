@@ -33,8 +33,8 @@ from flax import nnx
 
 from .attention import check_implementation, dot_product_attention
 from .layers import layer_norm, linear
-from .weights import (CheckpointError, abstract_module, load_params, parse_dtype,
-                      read_config, read_state_dict, resolve_folder)
+from .weights import (CheckpointError, abstract_module, cached_snapshot, load_params,
+                      parse_dtype, read_config, read_state_dict, resolve_folder)
 
 __all__ = [
     "TextEncoderConfig", "TextEncoderOutput", "TextEncoder", "CLIPTextModel",
@@ -444,19 +444,7 @@ def _tokenizer_folder(path, subfolder: str | None) -> Path:
             return local / subfolder
         where = f" nor in its {subfolder}/ subfolder" if subfolder else ""
         raise CheckpointError(f"{local} has no tokenizer files ({expected}){where}")
-    repo_id = str(path)
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
-        raise CheckpointError(f"{repo_id!r} is neither a local folder nor a Hugging Face repo id")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    try:
-        root = snapshot_download(repo_id, local_files_only=True)
-    except Exception:
-        raise CheckpointError(
-            f"{repo_id!r} is not a local folder and is not in the local Hugging Face cache "
-            f"({HF_HUB_CACHE}); retom-jax never downloads: fetch it where there is network, "
-            f"then pass the folder") from None
+    root = cached_snapshot(path)
     return _tokenizer_folder(root, subfolder)
 
 

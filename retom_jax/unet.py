@@ -174,15 +174,16 @@ class MergeContext:
     to block ``i``.
     """
 
-    def __init__(self, config, latent_hw, key=None, state=None):
+    def __init__(self, config, latent_hw, key=None, state=None, reuse=None):
         self.config, self.latent_hw, self.key = config, latent_hw, key
         self.state = state
         self.new_blocks = {}
         self.count = 0
+        self.use_cache = None
         if state is not None and getattr(config, "cache_step", None) is not None:
-            self.use_cache = config.use_cache(state["step"])
-        else:
-            self.use_cache = None
+            # A static ``reuse`` lets XLA drop the selection work it makes unnecessary;
+            # otherwise the step counter in the state decides at run time.
+            self.use_cache = config.use_cache(state["step"]) if reuse is None else reuse
 
     def downsample_of(self, num_tokens: int) -> int:
         h, w = self.latent_hw
@@ -435,7 +436,7 @@ class UNet:
         self.config, self.graphdef, self.params = config, graphdef, params
         self.dtype = dtype
         self.attention = check_implementation(attention)
-        self._jitted = jax.jit(self.apply, static_argnames=("merge", "attention"))
+        self._jitted = jax.jit(self.apply, static_argnames=("merge", "attention", "reuse"))
 
     # -- validation (Python, before tracing)
     def check_inputs(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None,
@@ -507,12 +508,20 @@ class UNet:
 
     # -- pure function
     def apply(self, params, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None,
-              *, merge=None, merge_state=None, key=None, attention=None, _want_state=False):
+              *, merge=None, merge_state=None, key=None, attention=None, reuse=None,
+              _want_state=False):
+        """The pure UNet call (see the class docstring).
+
+        With ``merge_state`` (``ReToM(cache_step=...)``), returns ``(prediction, new_state)``.
+        ``reuse`` (static): None decides from the state's step counter whether the cached
+        selection is reused; True/False fixes it at trace time, so that a loop split at
+        ``cache_step`` compiles the steps after it without the fresh selection work.
+        """
         model = nnx.merge(self.graphdef, params)
         x = jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype)
         ctx = None
         if merge is not None:
-            ctx = MergeContext(merge, x.shape[1:3], key=key, state=merge_state)
+            ctx = MergeContext(merge, x.shape[1:3], key=key, state=merge_state, reuse=reuse)
         added = added_cond_kwargs or {}
         out = model(x, timesteps, encoder_hidden_states.astype(self.dtype),
                     added.get("text_embeds"), added.get("time_ids"), ctx,
@@ -523,14 +532,14 @@ class UNet:
         return out
 
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None, *,
-                 merge=None, merge_state=None, key=None, attention=None):
+                 merge=None, merge_state=None, key=None, attention=None, reuse=None):
         self.check_inputs(sample, timesteps, encoder_hidden_states, added_cond_kwargs,
                           merge=merge, merge_state=merge_state, key=key)
         if attention is not None:
             check_implementation(attention)
         return self._jitted(self.params, sample, timesteps, encoder_hidden_states,
                             added_cond_kwargs, merge=merge, merge_state=merge_state, key=key,
-                            attention=attention)
+                            attention=attention, reuse=reuse)
 
 
 def load_unet(path_or_repo_id, dtype=jnp.float32, param_dtype=None, *, subfolder="unet",
@@ -558,14 +567,15 @@ def load_unet(path_or_repo_id, dtype=jnp.float32, param_dtype=None, *, subfolder
     return UNet(config, graphdef, params, dtype, attention)
 
 
-def init_unet(config: UNetConfig | dict, key, dtype=jnp.float32, param_dtype=None,
+def init_unet(config: UNetConfig | dict, seed: int = 0, dtype=jnp.float32, param_dtype=None,
               attention="auto") -> UNet:
-    """A UNet with random weights (benchmarks, demos): same structure as a checkpoint's."""
+    """A UNet with random weights (benchmarks, demos): same structure as a checkpoint's,
+    values from `weights.random_state`."""
     if isinstance(config, dict):
         config = UNetConfig.from_dict(config)
     dtype = weights.parse_dtype(dtype)
     param_dtype = weights.parse_dtype(param_dtype or dtype)
-    module = UNet2DConditionModel(config, attention=attention, dtype=dtype,
-                                  param_dtype=param_dtype, rngs=nnx.Rngs(key))
-    graphdef, params = nnx.split(module)
+    graphdef, params = weights.random_params(lambda rngs: UNet2DConditionModel(
+        config, attention=attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+        param_dtype, seed)
     return UNet(config, graphdef, params, dtype, attention)

@@ -154,6 +154,7 @@ def test_retom_cache_is_reused_and_one_program_serves_all_steps(models):
     cfg = ReToM(ratio=0.5, max_downsample=2, cache_step=1)
     x, _, ehs, _ = inputs("sd2", 2, 8, 8)
     state = unet.init_merge_state(x.shape, ehs.shape, cfg)
+    compiled = unet._jitted._cache_size()
     # down: one block at each of downsample 1 and 2; up: two at each
     assert int(state["step"]) == 0 and len(state["blocks"]) == 6
     states, outs = [], []
@@ -169,7 +170,7 @@ def test_retom_cache_is_reused_and_one_program_serves_all_steps(models):
     assert not np.array_equal(reps[0], reps[1])  # steps 0 and 1 choose afresh
     np.testing.assert_array_equal(reps[1], reps[2])  # later steps reuse step 1's choice
     np.testing.assert_array_equal(reps[1], reps[3])
-    assert unet._jitted._cache_size() == 1
+    assert unet._jitted._cache_size() == compiled + 1  # one program for all four steps
     # step 3 with the cache differs from planning afresh on the same input
     fresh = unet(samples[3], np.array([300, 300]), ehs, merge=ReToM(ratio=0.5, max_downsample=2))
     assert rel_err(outs[3], fresh) > 1e-6
@@ -182,6 +183,7 @@ def test_merge_config_errors_before_compiling(models):
     _, sdxl = models["sdxl"]
     _, sd1 = models["sd1"]
     args = inputs("sdxl", 2, 8, 8)
+    compiled = sdxl._jitted._cache_size(), sd1._jitted._cache_size()
     with pytest.raises(ValueError, match="merges nowhere in this UNet.*raise max_downsample"):
         sdxl(*args, merge=ReToM())
     with pytest.raises(ValueError, match="window 8x8 is larger than the 4x4 grid"):
@@ -192,7 +194,7 @@ def test_merge_config_errors_before_compiling(models):
         sd1(*inputs("sd1", 2, 8, 8), merge=ToMe(use_rand=False), merge_state={})
     with pytest.raises(ValueError, match="merge must be ToMe, ReToM or ToDo"):
         sd1(*inputs("sd1", 2, 8, 8), merge="retom")
-    assert sdxl._jitted._cache_size() == 0
+    assert (sdxl._jitted._cache_size(), sd1._jitted._cache_size()) == compiled  # nothing compiled
 
 
 def test_gradients_flow_through_merged_unet(models):
@@ -201,3 +203,22 @@ def test_gradients_flow_through_merged_unet(models):
     loss = lambda s: jnp.sum(unet.apply(unet.params, s, t, ehs, merge=ReToM(ratio=0.5)) ** 2)  # noqa: E731
     g = jax.grad(loss)(jnp.asarray(x))
     assert np.all(np.isfinite(g)) and float(jnp.abs(g).sum()) > 0
+
+
+def test_static_reuse_drops_the_fresh_selection(models):
+    """After cache_step a loop can fix ``reuse=True`` at trace time: same output as the
+    run-time decision, and with cache="plan" the compiled program has no sort left."""
+    _, unet = models["sd2"]
+    cfg = ReToM(ratio=0.5, max_downsample=2, cache_step=0, cache="plan")
+    x, t, ehs, _ = inputs("sd2", 2, 8, 8)
+    state = unet.init_merge_state(x.shape, ehs.shape, cfg)
+    _, state = unet(x, t, ehs, merge=cfg, merge_state=state)  # step 0 fills the cache
+    x2 = x[::-1].copy()
+    dynamic, _ = unet(x2, t, ehs, merge=cfg, merge_state=state)
+    static, _ = unet(x2, t, ehs, merge=cfg, merge_state=state, reuse=True)
+    np.testing.assert_allclose(static, dynamic, rtol=1e-6, atol=1e-6)
+
+    def hlo(reuse):
+        return unet._jitted.lower(unet.params, x2, t, ehs, None, merge=cfg, merge_state=state,
+                                  key=None, attention=None, reuse=reuse).compile().as_text()
+    assert "sort" in hlo(None) and "sort" not in hlo(True)

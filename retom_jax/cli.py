@@ -1,0 +1,178 @@
+"""Command line: ``retom-jax generate --model PATH_OR_ID --prompt "..." [options]``.
+
+``--model demo`` runs a tiny built-in pipeline with random weights (its images are noise)
+so that the whole path can be tried without any download.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+MERGES = ("none", "tome", "retom", "todo")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _window(text):
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        wh, ww = (int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a window like 2x2, got {text!r}") from None
+    if wh < 1 or ww < 1:
+        raise argparse.ArgumentTypeError(f"window sides must be positive, got {text!r}")
+    return wh, ww
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="retom-jax",
+        description="Stable Diffusion text-to-image in JAX with token merging (ToMe, ReToM, "
+                    "ToDo) in the UNet.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    g = sub.add_parser(
+        "generate", help="generate an image from a prompt",
+        description="Generate images from a prompt. --model takes a diffusers pipeline folder "
+                    "(StableDiffusionPipeline or StableDiffusionXLPipeline), a repo id already "
+                    "in the local Hugging Face cache, or 'demo' (tiny random model: noise). "
+                    "Nothing is ever downloaded.")
+    g.add_argument("--model", required=True, help="pipeline folder, cached repo id, or 'demo'")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (50)")
+    g.add_argument("--guidance", type=float, default=7.5,
+                   help="classifier-free guidance scale; <= 1 turns guidance off (7.5)")
+    g.add_argument("--height", type=_positive_int, default=None,
+                   help="image height in pixels (default: the model's)")
+    g.add_argument("--width", type=_positive_int, default=None,
+                   help="image width in pixels (default: the model's)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-images", type=_positive_int, default=1)
+    g.add_argument("--scheduler", default=None,
+                   help="ddim, pndm, euler, euler_a, dpm++2m, dpm++2m_karras (default: the "
+                        "model's own)")
+    g.add_argument("--merge", choices=MERGES, default="none", help="token merging (none)")
+    g.add_argument("--ratio", type=float, default=0.5,
+                   help="share of tokens merged, for tome and retom (0.5)")
+    g.add_argument("--max-downsample", type=_positive_int, default=None,
+                   help="merge at UNet levels downsampled at most this much (default: the "
+                        "UNet's first attention level: 1 for SD, 2 for SDXL)")
+    g.add_argument("--window", type=_window, default=(2, 2),
+                   help="retom window, e.g. 2x2; tome cell (sy x sx)")
+    g.add_argument("--matching", choices=("local", "global"), default="local",
+                   help="retom matching (local)")
+    g.add_argument("--cache-step", type=_non_negative_int, default=None,
+                   help="retom: reuse the representatives chosen at this step afterwards")
+    g.add_argument("--todo-factor", type=_positive_int, default=2,
+                   help="todo: keys/values pooled by this factor (2)")
+    g.add_argument("--dtype", choices=DTYPES, default="float32")
+    g.add_argument("--out", default="retom-jax.png",
+                   help="output image file; with several images, -0, -1 ... are appended")
+    g.add_argument("--progress", action="store_true", help="show a progress bar")
+    g.set_defaults(handler=generate, subparser=g)
+    return parser
+
+
+def make_merge(args, first_level: int):
+    """The merge config the options ask for (ValueError if they do not make one)."""
+    from .merge import ReToM, ToDo, ToMe
+
+    level = args.max_downsample or first_level
+    if args.merge == "tome":
+        sy, sx = args.window
+        return ToMe(ratio=args.ratio, max_downsample=level, sx=sx, sy=sy)
+    if args.merge == "retom":
+        return ReToM(ratio=args.ratio, window=args.window, matching=args.matching,
+                     cache_step=args.cache_step, max_downsample=level)
+    if args.merge == "todo":
+        return ToDo(factor=args.todo_factor, max_downsample=level)
+    return None
+
+
+def _output_paths(out: str, n: int) -> list[Path]:
+    from PIL import Image
+
+    path = Path(out)
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {out!r}: unknown image extension {path.suffix!r} (use .png)")
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+def generate(args, parser) -> int:
+    import jax.numpy as jnp
+
+    from .weights import CheckpointError
+
+    try:
+        paths = _output_paths(args.out, args.num_images)
+        make_merge(args, 1)  # bad merge options fail here, before any model is built
+    except ValueError as e:
+        parser.error(str(e))
+    t0 = time.perf_counter()
+    try:
+        if args.model == "demo":
+            from .demo import DEMO_NOTICE, build_demo_pipeline
+
+            print(DEMO_NOTICE)
+            pipe = build_demo_pipeline(jnp.dtype(args.dtype), scheduler=args.scheduler)
+        else:
+            from .pipeline import load_pipeline
+
+            pipe = load_pipeline(args.model, jnp.dtype(args.dtype), scheduler=args.scheduler)
+    except (CheckpointError, ValueError) as e:
+        parser.error(f"--model {args.model}: {e}" if isinstance(e, CheckpointError) else str(e))
+    print(f"loaded {type(pipe).__name__} in {time.perf_counter() - t0:.2f} s")
+    try:
+        merge = make_merge(args, min(pipe.unet.config.attention_downsamples(), default=1))
+        out = pipe(args.prompt, negative_prompt=args.negative_prompt,
+                   num_inference_steps=args.steps, guidance_scale=args.guidance,
+                   height=args.height, width=args.width, num_images_per_prompt=args.num_images,
+                   seed=args.seed, merge=merge, progress=args.progress, output_type="pil")
+    except ValueError as e:
+        parser.error(str(e))
+    for image, path in zip(out.images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        print(f"saved {path} ({image.width}x{image.height})")
+    n = len(out.images)
+    merge_text = "no merging" if merge is None else repr(merge)
+    print(f"compile time: {out.compile_seconds:.2f} s")
+    print(f"time per image: {out.run_seconds / n:.3f} s ({n} image(s), {args.steps} steps, "
+          f"{merge_text}; compile time excluded)")
+    if args.model == "demo":
+        print("note: the demo model has random weights, so the image is noise.")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.handler(args, args.subparser)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,747 @@
+"""Text-to-image pipelines: Stable Diffusion 1.x/2.x and SDXL, with token merging.
+
+``load_pipeline(path_or_repo_id)`` reads a diffusers pipeline folder (``model_index.json``
+and its component folders), or a repo id already in the local Hugging Face cache, and
+returns a :class:`StableDiffusionPipeline` or :class:`StableDiffusionXLPipeline`::
+
+    pipe = load_pipeline("path/to/stable-diffusion-v1-5", jnp.bfloat16)
+    out = pipe("a photo of a cat", num_inference_steps=30, seed=0,
+               merge=ReToM(ratio=0.5, cache_step=5))
+    out.images[0].save("cat.png")
+
+How a call runs:
+
+1. Everything the call is given is checked in Python (``ValueError`` with the reason)
+   before anything is traced or compiled.
+2. The prompts are tokenized on the host and encoded by one jitted function (negative and
+   positive prompts in one batch).
+3. One jitted function runs the whole denoising loop (``lax.fori_loop`` over the steps,
+   carrying the latents, the scheduler state and, for ``ReToM(cache_step=k)``, the UNet's
+   merge state) and then the VAE decoder. Its static configuration (:class:`SampleConfig`:
+   scheduler, number of steps, batch, latent size, guidance on/off, merge config) is all
+   that selects a compiled program: prompts, seeds, latents and the guidance scale are
+   arguments, so changing them never recompiles. Compiled programs are kept per pipeline,
+   keyed by that configuration.
+4. ``progress=True`` (or a ``callback``) runs the same step function, jitted on its own,
+   from a Python loop with a progress bar; it gives the same images.
+
+Classifier-free guidance follows diffusers: the UNet sees the batch ``[uncond, cond]`` and
+``guidance_scale <= 1`` switches guidance off. SDXL conditions on the penultimate hidden
+states of both text encoders (concatenated), the second encoder's projected pooled output
+and ``add_time_ids = (height, width, 0, 0, height, width)``; with
+``force_zeros_for_empty_prompt`` and no negative prompt its unconditional embeddings are
+zeros. The latents are carried in float32 whatever the model dtype.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import weights
+from .clip import load_text_encoder, load_tokenizer, tokenize
+from .schedulers import from_config as scheduler_from_config
+from .unet import load_unet
+from .vae import load_vae
+from .weights import CheckpointError, cached_snapshot
+
+__all__ = [
+    "StableDiffusionPipeline", "StableDiffusionXLPipeline", "PipelineOutput", "SampleConfig",
+    "load_pipeline", "OUTPUT_TYPES", "PIPELINE_CLASSES",
+]
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+_F32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------- static config
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Everything that selects a compiled sampling program (hashable, a jit static arg).
+
+    ``num_inference_steps`` is the number asked for (PLMS takes one UNet call more);
+    ``batch`` the number of images; ``latent_hw`` the latent height and width;
+    ``guidance`` whether classifier-free guidance is on; ``decode`` whether the VAE runs.
+    """
+    scheduler: Any
+    num_inference_steps: int
+    batch: int
+    latent_hw: tuple
+    guidance: bool
+    merge: Any = None
+    decode: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeConfig:
+    guidance: bool
+    num_images_per_prompt: int
+    zero_negative: bool = False
+
+
+@dataclasses.dataclass
+class PipelineOutput:
+    """``images``: a list of PIL images (``"pil"``), a float32 array ``[B, H, W, 3]`` in
+    [0, 1] (``"np"``) or the final NCHW latents (``"latent"``). ``compile_seconds`` is the
+    time spent compiling during this call (0 when everything was compiled before),
+    ``run_seconds`` the rest of the call's wall time."""
+    images: Any
+    compile_seconds: float = 0.0
+    run_seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _prompt_list(prompt, name="prompt") -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if isinstance(prompt, (list, tuple)) and not prompt:
+        raise ValueError(f"{name} is an empty list: give at least one prompt")
+    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+
+
+def _as_key(seed, key):
+    if key is not None and seed is not None:
+        raise ValueError("pass either seed or key, not both")
+    if key is None:
+        seed = 0 if seed is None else seed
+        if not _is_int(seed):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        return jax.random.key(int(seed) % (2 ** 32))
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"key must be a single PRNG key, got shape {key.shape}")
+        return key
+    arr = np.asarray(key)
+    if arr.dtype == np.uint32 and arr.shape == (2,):  # a raw jax.random.PRNGKey
+        return jax.random.wrap_key_data(jnp.asarray(arr))
+    raise ValueError(f"key must be a PRNG key from jax.random.key(seed), got {key!r}")
+
+
+def _signature(tree):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((tuple(np.shape(a)), str(a.dtype)) for a in leaves)
+
+
+class _Bar:
+    """tqdm when installed, else one printed line per step."""
+
+    def __init__(self, total, desc):
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        self.total, self.desc, self.n = total, desc, 0
+        self.bar = tqdm(total=total, desc=desc) if tqdm is not None else None
+
+    def update(self):
+        self.n += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        else:
+            print(f"{self.desc}: step {self.n}/{self.total}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _to_pil(images: np.ndarray):
+    from PIL import Image
+
+    return [Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+class _Pipeline:
+    """Shared sampling machinery; subclasses define the text conditioning."""
+
+    _uses_latent_stats = False  # SDXL's decoder honours the VAE's latents_mean/latents_std
+
+    def __init__(self, unet, vae, scheduler):
+        self.unet, self.vae, self.scheduler = unet, vae, scheduler
+        if vae.config.latent_channels != unet.config.in_channels:
+            raise CheckpointError(
+                f"the VAE has {vae.config.latent_channels} latent channels but the UNet takes "
+                f"{unet.config.in_channels}")
+        if unet.config.out_channels != unet.config.in_channels:
+            raise CheckpointError("the UNet's out_channels differ from its in_channels: not a "
+                                  "text-to-image UNet")
+        self.scheduler_config = None  # the folder's scheduler_config.json, when loaded
+        self._reset_compiled()
+
+    def _reset_compiled(self):
+        self.trace_count = 0    # how many times a sampling/step function was traced
+        self.compile_count = 0  # how many programs this pipeline compiled
+        self._compiled: dict = {}
+        self._jits = {
+            "sample": jax.jit(self._sample, static_argnums=0),
+            "step": jax.jit(self._step_fn, static_argnums=0),
+            "finish": jax.jit(self._finish, static_argnums=0),
+            "encode": jax.jit(self._encode, static_argnums=0),
+            "start": jax.jit(self._start, static_argnums=0),
+            "noise": jax.jit(self._noise, static_argnums=0),
+        }
+        self._compile_clock = 0.0
+
+    # -- properties
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.vae_scale_factor
+
+    @property
+    def default_size(self) -> tuple[int, int] | None:
+        s = self.unet.config.sample_size
+        if s is None:
+            return None
+        h, w = (s, s) if _is_int(s) else tuple(s)
+        return int(h) * self.vae_scale_factor, int(w) * self.vae_scale_factor
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(dtype={jnp.dtype(self.dtype).name}, "
+                f"scheduler={type(self.scheduler).__name__}, default_size={self.default_size})")
+
+    def with_scheduler(self, scheduler) -> "_Pipeline":
+        """The same models (shared, not copied) with another scheduler: a name such as
+        ``"ddim"``, ``"euler"``, ``"dpm++2m"`` (built from this pipeline's scheduler config,
+        whose options carry over as in diffusers' ``from_config``) or a scheduler object."""
+        config = self.scheduler_config
+        if config is None:
+            config = dataclasses.asdict(self.scheduler)
+        new = copy.copy(self)
+        new.scheduler = _make_scheduler(config, scheduler)
+        new._reset_compiled()
+        return new
+
+    # -- compilation cache
+
+    def _executable(self, name, static, *args):
+        """The compiled jitted function ``name`` for ``static`` and these argument shapes:
+        compiled once, then kept."""
+        sig = (name, static, _signature(args))
+        compiled = self._compiled.get(sig)
+        if compiled is None:
+            t0 = time.perf_counter()
+            compiled = self._jits[name].lower(static, *args).compile()
+            self._compile_clock += time.perf_counter() - t0
+            self.compile_count += 1
+            self._compiled[sig] = compiled
+        return compiled
+
+    def _run(self, name, static, *args):
+        return self._executable(name, static, *args)(*args)
+
+    # -- text conditioning (subclasses)
+
+    def _tokenize(self, prompts, negatives, guidance, zero_negative):  # pragma: no cover
+        raise NotImplementedError
+
+    def _encode(self, static: EncodeConfig, params, ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def _encode_params(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def _added_cond(self, height, width, rows):
+        return {}
+
+    def _zero_negative(self, negative_prompt) -> bool:
+        return False
+
+    def encode_prompt(self, prompt, negative_prompt=None, num_images_per_prompt=1,
+                      guidance_scale=7.5, height=None, width=None) -> dict:
+        """The UNet conditioning as a dict of arrays: ``encoder_hidden_states``
+        ``[rows, tokens, dim]`` (rows ``2 * batch`` with guidance, negatives first) and,
+        for SDXL, ``text_embeds`` and ``time_ids``."""
+        prompts, negatives, guidance = self._check_prompts(prompt, negative_prompt,
+                                                           guidance_scale)
+        n = self._check_count(num_images_per_prompt)
+        height, width = self._check_size(height, width, None)
+        return self._conditioning(prompts, negatives, negative_prompt, guidance, n, height, width)
+
+    def _conditioning(self, prompts, negatives, negative_prompt, guidance, n, height, width):
+        zero = guidance and self._zero_negative(negative_prompt)
+        ids = self._tokenize(prompts, negatives, guidance, zero)
+        static = EncodeConfig(guidance, n, zero)
+        cond = dict(self._run("encode", static, self._encode_params(), ids))
+        rows = cond["encoder_hidden_states"].shape[0]
+        cond.update(self._added_cond(height, width, rows))
+        return cond
+
+    # -- validation
+
+    def _check_prompts(self, prompt, negative_prompt, guidance_scale):
+        prompts = _prompt_list(prompt)
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale,
+                                                              (int, float, np.floating)):
+            raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
+        if not np.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+        guidance = float(guidance_scale) > 1.0
+        negatives = None
+        if negative_prompt is not None:
+            if not guidance:
+                raise ValueError(
+                    f"negative_prompt has no effect with guidance_scale={guidance_scale} "
+                    f"(classifier-free guidance is off for guidance_scale <= 1): drop the "
+                    f"negative prompt or raise guidance_scale above 1")
+            if isinstance(negative_prompt, str):
+                negatives = [negative_prompt] * len(prompts)
+            else:
+                negatives = _prompt_list(negative_prompt, "negative_prompt")
+                if len(negatives) != len(prompts):
+                    raise ValueError(
+                        f"negative_prompt has {len(negatives)} entries but prompt has "
+                        f"{len(prompts)}: give one negative prompt per prompt (or one string)")
+        elif guidance:
+            negatives = [""] * len(prompts)
+        return prompts, negatives, guidance
+
+    @staticmethod
+    def _check_count(n):
+        if not _is_int(n) or n < 1:
+            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {n!r}")
+        return int(n)
+
+    def _check_size(self, height, width, latents_shape):
+        f = self.vae_scale_factor
+        if height is None and width is None and latents_shape is not None:
+            return latents_shape[2] * f, latents_shape[3] * f
+        if height is None or width is None:
+            default = self.default_size
+            if default is None:
+                raise ValueError("the UNet config has no sample_size: pass height and width")
+            height = default[0] if height is None else height
+            width = default[1] if width is None else width
+        for name, v in (("height", height), ("width", width)):
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            if v % f:
+                raise ValueError(f"{name}={v} is not a multiple of {f} (the VAE's scale "
+                                 f"factor): use a multiple of {f}")
+        return int(height), int(width)
+
+    def _check_latents(self, latents, shape):
+        if latents is None:
+            return None
+        if hasattr(latents, "detach"):  # a torch tensor: go through NumPy
+            latents = latents.detach().cpu().numpy()
+        if not isinstance(latents, jax.Array):
+            latents = np.asarray(latents)
+        if tuple(latents.shape) != shape:
+            raise ValueError(
+                f"latents must have shape {list(shape)} (NCHW: images, latent channels, "
+                f"height / {self.vae_scale_factor}, width / {self.vae_scale_factor}), got "
+                f"{list(latents.shape)}")
+        if not jnp.issubdtype(latents.dtype, jnp.floating):
+            raise ValueError(f"latents must be a float array, got dtype {latents.dtype}")
+        return jnp.asarray(latents, _F32)
+
+    def _check_merge(self, merge, latent_hw):
+        if merge is None:
+            return
+        self.unet.check_merge(merge, latent_hw, key=jax.random.key(0))
+
+    # -- the traced functions
+
+    def _added(self, cond):
+        if "text_embeds" not in cond:
+            return None
+        return {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+
+    def _init_merge_state(self, static: SampleConfig, cond):
+        if getattr(static.merge, "cache_step", None) is None:
+            return None
+        rows = cond["encoder_hidden_states"].shape[0]
+        shape = (rows, self.unet.config.in_channels) + tuple(static.latent_hw)
+        return self.unet.init_merge_state(shape, cond["encoder_hidden_states"].shape,
+                                          static.merge, self._added(cond))
+
+    def _body(self, static: SampleConfig, params, cond, i, carry, key, guidance_scale,
+              reuse=None):
+        """One denoising step: UNet on ``[uncond, cond]``, guidance, scheduler update.
+        ``reuse``: see ``UNet.apply`` (None: ReToM's step counter decides at run time)."""
+        x, state, merge_state = carry
+        sched = static.scheduler
+        k_sched, k_merge = jax.random.split(jax.random.fold_in(key, i))
+        x_in = jnp.concatenate([x, x], axis=0) if static.guidance else x
+        x_in = sched.scale_model_input(state, x_in, i)
+        t = state.timesteps[i]
+        kw = dict(merge=static.merge, key=k_merge if static.merge is not None else None)
+        ehs = cond["encoder_hidden_states"]
+        if merge_state is not None:
+            pred, merge_state = self.unet.apply(params["unet"], x_in, t, ehs, self._added(cond),
+                                                merge_state=merge_state, reuse=reuse, **kw)
+        else:
+            pred = self.unet.apply(params["unet"], x_in, t, ehs, self._added(cond), **kw)
+        pred = pred.astype(_F32)
+        if static.guidance:
+            uncond, text = jnp.split(pred, 2, axis=0)
+            pred = uncond + guidance_scale * (text - uncond)
+        x, state = sched.step(state, pred, i, x, key=k_sched)
+        return x.astype(_F32), state, merge_state
+
+    def _decode(self, params, x):
+        c = self.vae.config
+        if self._uses_latent_stats and c.latents_mean is not None and c.latents_std is not None:
+            mean = jnp.asarray(c.latents_mean, _F32).reshape(1, -1, 1, 1)
+            std = jnp.asarray(c.latents_std, _F32).reshape(1, -1, 1, 1)
+            z = x * std / c.scaling_factor + mean
+        else:
+            z = x / c.scaling_factor
+        img = self.vae.apply_decode(params["vae"], z.astype(self.vae.dtype)).astype(_F32)
+        return jnp.transpose(jnp.clip(img / 2 + 0.5, 0.0, 1.0), (0, 2, 3, 1))
+
+    def _finish(self, static: SampleConfig, params, x):
+        return self._decode(params, x) if static.decode else x
+
+    @staticmethod
+    def _noise(shape, key):
+        """``(latents, loop key)``: unit Gaussian latents of ``shape`` drawn from ``key``."""
+        k_noise, k_loop = jax.random.split(key)
+        return jax.random.normal(k_noise, shape, _F32), k_loop
+
+    def _start(self, static: SampleConfig, cond, latents, state):
+        """Initial carry ``(latents, scheduler state, merge state)``: the latents scaled by
+        the scheduler's init_noise_sigma, and ReToM's empty cache when it carries one."""
+        x = latents.astype(_F32) * static.scheduler.init_noise_sigma(state)
+        return x, state, self._init_merge_state(static, cond)
+
+    def _sample(self, static: SampleConfig, params, cond, latents, state, key, guidance_scale):
+        """The whole sampling loop and the decoder, as one traced function."""
+        self.trace_count += 1
+        carry = self._start(static, cond, latents, state)
+        n = state.timesteps.shape[0]
+        # ReToM(cache_step=k): steps 0..k select afresh and steps after k reuse the cache.
+        # Two loops with that fixed at trace time let XLA drop the fresh selection from the
+        # second one (a run-time choice would compute it at every step and discard it).
+        split = n
+        if carry[2] is not None:
+            split = min(static.merge.cache_step + 1, n)
+        for lo, hi, reuse in ((0, split, False), (split, n, True)):
+            if lo < hi:
+                carry = jax.lax.fori_loop(lo, hi, lambda i, c, r=reuse: self._body(
+                    static, params, cond, i, c, key, guidance_scale, r), carry)
+        return self._finish(static, params, carry[0])
+
+    def _step_fn(self, static: SampleConfig, params, cond, i, carry, key, guidance_scale):
+        self.trace_count += 1
+        return self._body(static, params, cond, i, carry, key, guidance_scale)
+
+    # -- the call
+
+    def __call__(self, prompt, negative_prompt=None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, height: int | None = None,
+                 width: int | None = None, num_images_per_prompt: int = 1,
+                 seed: int | None = None, key=None, latents=None, output_type: str = "pil",
+                 merge=None, progress: bool = False,
+                 callback: Callable | None = None) -> PipelineOutput:
+        """Generate images.
+
+        ``prompt``: a string or a list of strings (one image batch row each, times
+        ``num_images_per_prompt``). ``negative_prompt``: a string (for every prompt) or one
+        per prompt; needs ``guidance_scale > 1``. ``seed`` (default 0) or ``key`` (a JAX
+        PRNG key) draw the initial noise and any per-step randomness (ancestral samplers,
+        ToMe's random destinations); ``latents`` (NCHW ``[images, C, H/f, W/f]``) replaces
+        the drawn noise and is scaled by the scheduler's ``init_noise_sigma`` as diffusers
+        does; when given without ``height`` and ``width`` it sets the size.
+        ``merge``: ``ToMe(...)``, ``ReToM(...)``, ``ToDo(...)`` or None. ``progress``
+        steps from Python with a progress bar; ``callback(i, latents, merge_state)`` is
+        called after each step in that mode (and switches it on).
+        """
+        t_start = time.perf_counter()
+        self._compile_clock = 0.0
+        prompts, negatives, guidance = self._check_prompts(prompt, negative_prompt,
+                                                           guidance_scale)
+        n = self._check_count(num_images_per_prompt)
+        if not _is_int(num_inference_steps) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an int >= 1, got "
+                             f"{num_inference_steps!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; choose one of "
+                             f"{', '.join(OUTPUT_TYPES)}")
+        if callback is not None and not callable(callback):
+            raise ValueError("callback must be callable: callback(step, latents, merge_state)")
+        batch = len(prompts) * n
+        c = self.unet.config.in_channels
+        given = None if latents is None else tuple(getattr(latents, "shape", ()))
+        if given is not None and len(given) != 4:
+            raise ValueError(f"latents must be NCHW [images, {c}, height, width], got shape "
+                             f"{list(given)}")
+        height, width = self._check_size(height, width, given)
+        f = self.vae_scale_factor
+        latent_hw = (height // f, width // f)
+        shape = (batch, c) + latent_hw
+        latents = self._check_latents(latents, shape)
+        self._check_merge(merge, latent_hw)
+        key = _as_key(seed, key)
+        # The scheduler validates the step count (Python errors, nothing compiled yet).
+        state = self.scheduler.set_timesteps(int(num_inference_steps), shape, _F32)
+        static = SampleConfig(self.scheduler, int(num_inference_steps), batch, latent_hw,
+                              guidance, merge, output_type != "latent")
+
+        cond = self._conditioning(prompts, negatives, negative_prompt, guidance, n, height,
+                                  width)
+        if latents is None:  # drawn by a small program of its own: the sampler is shared
+            latents, key = self._run("noise", shape, key)
+        g = jnp.asarray(guidance_scale, _F32)
+        params = {"unet": self.unet.params, "vae": self.vae.params}
+        if progress or callback is not None:
+            out = self._interactive(static, params, cond, latents, state, key, g,
+                                    progress, callback)
+        else:
+            out = self._run("sample", static, params, cond, latents, state, key, g)
+        out = np.asarray(jax.block_until_ready(out))
+        if output_type == "pil":
+            out = _to_pil(out)
+        compile_s = self._compile_clock
+        return PipelineOutput(out, compile_s, time.perf_counter() - t_start - compile_s)
+
+    def _interactive(self, static, params, cond, latents, state, key, g, progress, callback):
+        carry = self._run("start", static, cond, latents, state)
+        total = int(state.timesteps.shape[0])
+        step = self._executable("step", static, params, cond, jnp.zeros((), jnp.int32), carry,
+                                key, g)
+        bar = _Bar(total, "denoising") if progress else None
+        try:
+            for i in range(total):
+                carry = step(params, cond, jnp.asarray(i, jnp.int32), carry, key, g)
+                if bar is not None:
+                    jax.block_until_ready(carry[0])
+                    bar.update()
+                if callback is not None:
+                    callback(i, carry[0], carry[2])
+        finally:
+            if bar is not None:
+                bar.close()
+        return self._run("finish", static, params, carry[0])
+
+
+class StableDiffusionPipeline(_Pipeline):
+    """Stable Diffusion 1.x / 2.x: one CLIP text encoder, ``last_hidden_state``."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
+        super().__init__(unet, vae, scheduler)
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        dim = text_encoder.config.hidden_size
+        if unet.config.addition_embed_type is not None:
+            raise CheckpointError("this UNet expects SDXL's added conditioning: use "
+                                  "StableDiffusionXLPipeline")
+        if unet.config.cross_attention_dim[0] != dim:
+            raise CheckpointError(
+                f"the text encoder's hidden size is {dim} but the UNet's "
+                f"cross_attention_dim is {unet.config.cross_attention_dim[0]}")
+        _check_tokenizer(tokenizer, text_encoder, "tokenizer")
+
+    def _encode_params(self):
+        return {"text_encoder": self.text_encoder.params}
+
+    def _tokenize(self, prompts, negatives, guidance, zero_negative):
+        rows = prompts if not guidance else negatives + prompts
+        return {"ids": tokenize(self.tokenizer, rows)}
+
+    def _encode(self, static: EncodeConfig, params, ids):
+        h = self.text_encoder.apply(params["text_encoder"], ids["ids"]).last_hidden_state
+        h = jnp.repeat(h, static.num_images_per_prompt, axis=0)
+        return {"encoder_hidden_states": h.astype(self.unet.dtype)}
+
+
+class StableDiffusionXLPipeline(_Pipeline):
+    """SDXL: two CLIP text encoders (the second with projection), added conditioning."""
+
+    _uses_latent_stats = True
+
+    def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
+                 scheduler, force_zeros_for_empty_prompt: bool = True):
+        super().__init__(unet, vae, scheduler)
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
+        cfg = unet.config
+        if cfg.addition_embed_type != "text_time":
+            raise CheckpointError("an SDXL pipeline needs a UNet with addition_embed_type "
+                                  "'text_time'")
+        if not text_encoder_2.config.with_projection:
+            raise CheckpointError("SDXL's text_encoder_2 must be a CLIPTextModelWithProjection")
+        dim = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+        if cfg.cross_attention_dim[0] != dim:
+            raise CheckpointError(
+                f"the two text encoders give {dim} features per token but the UNet's "
+                f"cross_attention_dim is {cfg.cross_attention_dim[0]}")
+        added = cfg.addition_time_embed_dim * 6 + text_encoder_2.config.projection_dim
+        if added != cfg.projection_class_embeddings_input_dim:
+            raise CheckpointError(
+                f"the UNet's added embedding takes {cfg.projection_class_embeddings_input_dim} "
+                f"features, but text_encoder_2's projection_dim "
+                f"({text_encoder_2.config.projection_dim}) and 6 time ids of "
+                f"{cfg.addition_time_embed_dim} give {added}")
+        _check_tokenizer(tokenizer, text_encoder, "tokenizer")
+        _check_tokenizer(tokenizer_2, text_encoder_2, "tokenizer_2")
+        if tokenizer.model_max_length != tokenizer_2.model_max_length:
+            raise CheckpointError("tokenizer and tokenizer_2 have different model_max_length")
+
+    def _zero_negative(self, negative_prompt) -> bool:
+        return negative_prompt is None and self.force_zeros_for_empty_prompt
+
+    def _encode_params(self):
+        return {"text_encoder": self.text_encoder.params,
+                "text_encoder_2": self.text_encoder_2.params}
+
+    def _tokenize(self, prompts, negatives, guidance, zero_negative):
+        rows = prompts if (not guidance or zero_negative) else negatives + prompts
+        return {"ids": tokenize(self.tokenizer, rows), "ids_2": tokenize(self.tokenizer_2, rows)}
+
+    def _encode(self, static: EncodeConfig, params, ids):
+        o1 = self.text_encoder.apply(params["text_encoder"], ids["ids"])
+        o2 = self.text_encoder_2.apply(params["text_encoder_2"], ids["ids_2"])
+        h = jnp.concatenate([o1.hidden_states[-2], o2.hidden_states[-2]], axis=-1)
+        pooled = o2.text_embeds
+        if static.zero_negative:
+            h = jnp.concatenate([jnp.zeros_like(h), h], axis=0)
+            pooled = jnp.concatenate([jnp.zeros_like(pooled), pooled], axis=0)
+        n = static.num_images_per_prompt
+        return {"encoder_hidden_states": jnp.repeat(h, n, axis=0).astype(self.unet.dtype),
+                "text_embeds": jnp.repeat(pooled, n, axis=0).astype(_F32)}
+
+    def _added_cond(self, height, width, rows):
+        ids = np.array([[height, width, 0, 0, height, width]], np.float32)
+        return {"time_ids": jnp.asarray(np.repeat(ids, rows, axis=0))}
+
+
+def _check_tokenizer(tokenizer, encoder, name):
+    length = getattr(tokenizer, "model_max_length", None)
+    if not _is_int(length) or length > encoder.config.max_position_embeddings:
+        raise CheckpointError(
+            f"{name}'s model_max_length ({length}) must be an int no larger than its text "
+            f"encoder's max_position_embeddings ({encoder.config.max_position_embeddings})")
+
+
+# ----------------------------------------------------------------------------- loading
+
+PIPELINE_CLASSES = {
+    "StableDiffusionPipeline": (StableDiffusionPipeline,
+                                ("unet", "vae", "text_encoder", "tokenizer", "scheduler")),
+    "StableDiffusionXLPipeline": (StableDiffusionXLPipeline,
+                                  ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                                   "tokenizer_2", "scheduler")),
+}
+
+
+def pipeline_folder(path_or_repo_id) -> Path:
+    """A local folder holding ``model_index.json``: the path itself, or the snapshot of a
+    repo id in the local Hugging Face cache. Never touches the network."""
+    path = Path(os.path.expanduser(str(path_or_repo_id)))
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise CheckpointError(f"{path} has no model_index.json: not a diffusers pipeline "
+                                  f"folder")
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is not a folder: a diffusers pipeline is a folder "
+                              f"holding model_index.json")
+    root = cached_snapshot(path_or_repo_id, "local pipeline folder")
+    return pipeline_folder(root)
+
+
+def read_model_index(folder) -> dict:
+    path = Path(folder) / "model_index.json"
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} has no model_index.json") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return index
+
+
+def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attention="auto",
+                  param_dtype=None, variant: str | None = None):
+    """Load a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` folder.
+
+    ``path_or_repo_id``: a pipeline folder (with ``model_index.json``) or a repo id in the
+    local Hugging Face cache. ``dtype``: compute dtype of every model (``param_dtype``, the
+    stored weights' dtype, defaults to it; an SDXL-style VAE with ``force_upcast`` decodes
+    in float32 when ``dtype`` is float16). ``scheduler``: None (the folder's scheduler),
+    a name (``"ddim"``, ``"pndm"``, ``"euler"``, ``"euler_a"``, ``"dpm++2m"``,
+    ``"dpm++2m_karras"``, built from the folder's scheduler config) or a scheduler object.
+    ``variant="fp16"`` reads the ``.fp16`` weight files.
+    """
+    dtype = weights.parse_dtype(dtype)
+    root = pipeline_folder(path_or_repo_id)
+    index = read_model_index(root)
+    cls_name = index.get("_class_name")
+    if cls_name not in PIPELINE_CLASSES:
+        raise CheckpointError(
+            f"{root}/model_index.json describes a {cls_name!r}; retom-jax loads "
+            f"{', '.join(PIPELINE_CLASSES)}")
+    cls, needed = PIPELINE_CLASSES[cls_name]
+    for name in needed:
+        entry = index.get(name)
+        if name == "scheduler" and scheduler is not None and not isinstance(scheduler, str):
+            continue
+        if not entry or not isinstance(entry, (list, tuple)) or entry[0] is None:
+            raise CheckpointError(f"{root}/model_index.json declares no {name}; a {cls_name} "
+                                  f"needs {', '.join(needed)}")
+        if not (root / name).is_dir():
+            raise CheckpointError(f"the component folder {name}/ is missing in {root}")
+    # The scheduler first: a bad name fails before any weights are read.
+    sched_config = _read_scheduler_config(root) if (root / "scheduler").is_dir() else None
+    sched = _make_scheduler(sched_config, scheduler)
+    common = dict(param_dtype=param_dtype, variant=variant, attention=attention)
+    unet = load_unet(root / "unet", dtype, subfolder=None, **common)
+    vae = load_vae(root / "vae", dtype, subfolder=None, **common)
+    te = load_text_encoder(root / "text_encoder", dtype, subfolder=None, **common)
+    tok = load_tokenizer(root / "tokenizer", subfolder=None)
+    if cls is StableDiffusionPipeline:
+        pipe = StableDiffusionPipeline(unet, vae, te, tok, sched)
+    else:
+        te2 = load_text_encoder(root / "text_encoder_2", dtype, subfolder=None, **common)
+        tok2 = load_tokenizer(root / "tokenizer_2", subfolder=None)
+        pipe = StableDiffusionXLPipeline(unet, vae, te, te2, tok, tok2, sched,
+                                         index.get("force_zeros_for_empty_prompt", True))
+    pipe.scheduler_config = sched_config
+    return pipe
+
+
+def _make_scheduler(config: dict, scheduler):
+    if scheduler is not None and not isinstance(scheduler, str):
+        if not all(hasattr(scheduler, a) for a in ("set_timesteps", "step", "scale_model_input",
+                                                   "init_noise_sigma")):
+            raise ValueError(f"scheduler must be None, a name or a retom_jax scheduler, got "
+                             f"{scheduler!r}")
+        return scheduler
+    return scheduler_from_config(config, name=scheduler)
+
+
+def _read_scheduler_config(root: Path) -> dict:
+    path = root / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{root}/scheduler/ has no scheduler_config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None

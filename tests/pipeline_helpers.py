@@ -1,0 +1,144 @@
+"""Tiny diffusers pipelines (SD and SDXL) saved to folders, for the pipeline and CLI tests.
+
+Every model is random and perturbed away from its initialisation (token embeddings of
+unit scale, noise on every weight) so that the text really steers the UNet and a wrongly
+wired component shows up in the images.
+"""
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from tests.tiny import FAMILIES, SDXL_TEXT_EMBEDS, torch_unet
+
+MAX_LENGTH = 16
+WORDS = ["the", "cat", "dog", "a", "photo", "of", "painting", "blurry", "red", "car"]
+
+# Stable Diffusion 1.5's scheduler settings (its DDIM form).
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def vocab_and_merges():
+    """A CLIP byte-pair vocabulary: letters (word-inner and word-final), the WORDS merged
+    into single tokens, "!" (SDXL's second tokenizer pads with it), then BOS and EOS."""
+    vocab = {}
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for c in letters:
+        vocab[c] = len(vocab)
+    for c in letters:
+        vocab[c + "</w>"] = len(vocab)
+    merges = []
+    for word in WORDS:
+        if len(word) == 1:
+            continue
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        cur = pieces[0]
+        for nxt in pieces[1:]:
+            if f"{cur} {nxt}" not in merges:
+                merges.append(f"{cur} {nxt}")
+            cur += nxt
+            vocab.setdefault(cur, len(vocab))
+    vocab["!"] = len(vocab)
+    vocab["!</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab, merges
+
+
+def make_tokenizer(**kwargs) -> CLIPTokenizer:
+    vocab, merges = vocab_and_merges()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "vocab.json").write_text(json.dumps(vocab))
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer(vocab=str(folder / "vocab.json"),
+                             merges=str(folder / "merges.txt"), model_max_length=MAX_LENGTH,
+                             **kwargs)
+
+
+def perturb(model, scale=0.05):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+def text_encoder(hidden, seed, projection_dim=None):
+    vocab, _ = vocab_and_merges()
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden + 5,
+        num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=MAX_LENGTH,
+        hidden_act="gelu" if projection_dim else "quick_gelu",
+        eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"], projection_dim=projection_dim or 512)
+    cls = CLIPTextModelWithProjection if projection_dim else CLIPTextModel
+    model = perturb(cls(config).eval())
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 1.0)
+    return model
+
+
+def vae(seed, **extra):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return perturb(AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=32, **extra).eval())
+
+
+def save_sd(folder: Path):
+    """A tiny StableDiffusionPipeline (DDIM as SD 1.5 configures it) saved in ``folder``;
+    returns the torch pipeline. Images: 32x32 by default (VAE scale factor 2)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae(1), text_encoder=text_encoder(FAMILIES["sd1"]["cross_attention_dim"], 2),
+        tokenizer=make_tokenizer(), unet=torch_unet(FAMILIES["sd1"], seed=3),
+        scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def save_sdxl(folder: Path):
+    """A tiny StableDiffusionXLPipeline (Euler, SDXL's scheduler) saved in ``folder``: two
+    text encoders of different widths (12 + 20 = the UNet's 32), the second projected to
+    SDXL_TEXT_EMBEDS features and padded with "!", a VAE with latents_mean/std."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=vae(4, latents_mean=(0.1, -0.2, 0.3, 0.0), latents_std=(1.5, 0.8, 1.2, 1.0)),
+        text_encoder=text_encoder(12, 5),
+        text_encoder_2=text_encoder(20, 6, projection_dim=SDXL_TEXT_EMBEDS),
+        tokenizer=make_tokenizer(),
+        tokenizer_2=make_tokenizer(pad_token="!"),
+        unet=torch_unet(FAMILIES["sdxl"], seed=7),
+        scheduler=EulerDiscreteScheduler(**{k: v for k, v in SD_SCHEDULER.items()
+                                            if k not in ("clip_sample", "set_alpha_to_one")},
+                                         timestep_spacing="leading"),
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def latents_for(batch, h, w, seed=0):
+    """Unit Gaussian NCHW latents for ``batch`` images of ``h x w`` pixels (factor 2)."""
+    return np.random.RandomState(seed).randn(batch, 4, h // 2, w // 2).astype(np.float32)
+
+
+def reference(pipe, prompt, latents, **kwargs):
+    """The torch pipeline's output from the given NCHW latents (output_type "np" unless
+    given)."""
+    kwargs.setdefault("output_type", "np")
+    with torch.no_grad():
+        out = pipe(prompt, latents=torch.from_numpy(latents), **kwargs).images
+    return out.numpy() if hasattr(out, "numpy") else np.asarray(out)

@@ -1,0 +1,133 @@
+"""Smoke tests of the benchmark scripts (their CPU/tiny presets, cut down further).
+
+They check that each script runs, writes JSON with the documented fields and has a row
+for every requested method. No timing is asserted: CPU timings here mean nothing.
+"""
+import json
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import merge_overhead  # noqa: E402
+import plot  # noqa: E402
+import report  # noqa: E402
+import torch_unet_speed  # noqa: E402
+import unet_speed  # noqa: E402
+
+META_KEYS = {"benchmark", "date", "command", "versions", "settings", "complete"}
+UNET_ROW_KEYS = {"framework", "model", "height", "width", "batch", "method", "ratio",
+                 "median_ms", "p10_ms", "p90_ms", "iters", "compile_s", "peak_gb"}
+
+
+def read(path):
+    data = json.loads(Path(path).read_text())
+    assert META_KEYS <= set(data["meta"]), data["meta"].keys()
+    assert data["meta"]["complete"] is True
+    return data
+
+
+def test_free_merge_probe_shapes():
+    x = jnp.arange(2 * 16 * 3, dtype=jnp.float32).reshape(2, 16, 3)
+    for ratio, kept in ((0.3, 12), (0.5, 8), (0.75, 4)):
+        merge, unmerge = common.FreeMerge(ratio=ratio).plan(x, (4, 4))
+        m = merge(x)
+        assert m.shape == (2, kept, 3)
+        np.testing.assert_array_equal(m, x[:, :kept])
+        assert unmerge(m).shape == x.shape
+    assert common.FreeToDo(factor=2).downsample(x, (4, 4)).shape == (2, 4, 3)
+
+
+def test_merge_overhead_cpu(tmp_path):
+    out = tmp_path / "mo.json"
+    assert merge_overhead.main(["--preset", "cpu", "--tokens", "64", "--ratios", "0.5",
+                                "--iters", "2", "--warmup", "0", "--rotate", "1",
+                                "--out", str(out)]) == 0
+    data = read(out)
+    assert data["meta"]["benchmark"] == "merge_overhead"
+    assert data["meta"]["device"]["backend"] == "cpu"
+    rows = data["rows"]
+    assert {r["method"] for r in rows} == set(merge_overhead.METHODS)
+    for r in rows:
+        assert r.get("error") is None, r
+        assert r["median_ms"] > 0 and r["tokens"] == 64 and r["compile_s"] >= 0
+        if r["method"] not in ("none", "free", "free_todo"):
+            assert {"saved_ms", "overhead_ms", "overhead_pct_of_saving", "free_ms"} <= set(r)
+        if r["method"].startswith("retom") and r["overhead_pct_of_saving"] is not None:
+            assert isinstance(r["goal_met"], bool)
+    assert "| tokens |" in report.merge_overhead_table(rows)
+
+
+@pytest.fixture(scope="module")
+def unet_results(tmp_path_factory):
+    """Tiny UNet runs: SD-shaped with ToMe, ReToM and ToDo; SDXL-shaped with ToMe (which
+    merges nothing there) and cached ReToM (at its first attention level); the torch peer
+    (if installed). Nine compiled programs in all: about 45 s of this CPU."""
+    tmp = tmp_path_factory.mktemp("unet")
+    sd, xl, th = tmp / "sd.json", tmp / "xl.json", tmp / "torch.json"
+    common_args = ["--preset", "tiny", "--sizes", "64", "--iters", "2", "--warmup", "0"]
+    assert unet_speed.main([*common_args, "--models", "sd15-tiny", "--methods", "tome",
+                            "retom", "todo", "--out", str(sd)]) == 0
+    assert unet_speed.main([*common_args, "--models", "sdxl-tiny", "--methods", "tome",
+                            "retom_cached", "--out", str(xl)]) == 0
+    assert torch_unet_speed.main([*common_args, "--models", "sd15-tiny", "--out", str(th)]) == 0
+    return sd, xl, th
+
+
+def test_unet_speed_tiny(unet_results):
+    sd, xl, _ = unet_results
+    data = read(sd)
+    rows = data["rows"]
+    assert data["meta"]["benchmark"] == "unet_speed"
+    assert {r["method"] for r in rows} == {"none", "tome", "retom", "todo", "free",
+                                           "free_todo"}
+    for r in rows:
+        assert UNET_ROW_KEYS <= set(r), set(UNET_ROW_KEYS) - set(r)
+        assert r.get("error") is None, r
+        assert (r["framework"], r["model"], r["height"], r["batch"]) == ("jax", "sd15-tiny", 64, 2)
+        assert r["median_ms"] > 0 and r["compile_s"] > 0
+        assert r["peak_gb"] is None  # the CPU backend reports no memory statistics
+        if r["method"] not in ("none", "free", "free_todo"):
+            assert r["ideal_ms"] > 0 and r["speedup"] > 0 and r["merges"] is True
+
+    xl_rows = read(xl)["rows"]
+    by = {r["method"]: r for r in xl_rows}
+    assert set(by) == {"none", "free", "tome", "retom_cached"}
+    assert by["tome"]["merges"] is False  # tomesd's defaults reach no SDXL attention level
+    assert by["tome"]["median_ms"] == by["none"]["median_ms"]  # same program: reused
+    assert by["retom_cached"]["merges"] is True and by["retom_cached"]["max_downsample"] == 2
+    assert by["free"]["max_downsample"] == 2
+
+
+def test_torch_side_tiny(unet_results):
+    data = read(unet_results[2])
+    if data["meta"].get("skipped"):
+        pytest.skip(data["meta"]["skipped"])
+    rows = data["rows"]
+    assert {r["method"] for r in rows} == {"none", "tome"}
+    for r in rows:
+        assert UNET_ROW_KEYS <= set(r)
+        assert r["framework"] == "torch" and r.get("error") is None and r["median_ms"] > 0
+
+
+def test_report_and_plot(unet_results, tmp_path, capsys):
+    files = [str(p) for p in unet_results]
+    assert report.main(files) == 0
+    text = capsys.readouterr().out
+    assert "| model | size |" in text and "sd15-tiny" in text and "sdxl-tiny" in text
+    out_dir = tmp_path / "plots"
+    assert plot.main([*files, "--out-dir", str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in printed
+        return
+    pngs = sorted(p.name for p in out_dir.glob("*.png"))
+    assert "speedup_sd15-tiny.png" in pngs and "ratio_sd15-tiny.png" in pngs

@@ -1,0 +1,253 @@
+"""Pipelines against diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline.
+
+Tiny random pipelines are built with diffusers, saved, loaded with ``load_pipeline`` and
+run from the same NCHW latents; images must agree to 1e-3 (relative, float32). Merging
+is checked inside the compiled loop (ToMe against tomesd patching the torch pipeline,
+ReToM's cache reuse, ToDo), as are the compile cache and the input validation.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tomesd
+
+from retom_jax import CheckpointError, ReToM, ToDo, ToMe
+from retom_jax.pipeline import (StableDiffusionPipeline, StableDiffusionXLPipeline,
+                                load_pipeline)
+from tests.pipeline_helpers import latents_for, reference, save_sd, save_sdxl
+from tests.util import rel_err
+
+TOL = 1e-3
+PROMPTS = ["the cat", "a photo of a dog"]
+# The SD calls share one static configuration where they can (two prompts, 32x24 pixels,
+# three steps, guidance on), so that their plain (unmerged) program compiles only once.
+SD_KW = dict(negative_prompt=["", "blurry painting"], num_inference_steps=3,
+             guidance_scale=7.5, height=32, width=24)
+XL_KW = dict(num_inference_steps=3, guidance_scale=6.0, height=32, width=24)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd")
+    torch_pipe = save_sd(folder)
+    return torch_pipe, load_pipeline(folder), folder
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl")
+    torch_pipe = save_sdxl(folder)
+    return torch_pipe, load_pipeline(folder), folder
+
+
+# ----------------------------------------------------------------------------- SD parity
+
+def test_sd_ddim_batch_negative_nonsquare(sd):
+    """Two prompts, one negative prompt each, 32x24 pixels, DDIM."""
+    torch_pipe, pipe, _ = sd
+    assert isinstance(pipe, StableDiffusionPipeline)
+    lat = latents_for(2, 32, 24)
+    kw = SD_KW
+    ref = reference(torch_pipe, PROMPTS, lat, **kw)
+    out = pipe(PROMPTS, latents=lat, output_type="np", **kw)
+    assert out.images.shape == (2, 32, 24, 3) and out.images.dtype == np.float32
+    assert rel_err(out.images, ref) <= TOL
+    # The check can fail: the other prompt order gives a clearly different image.
+    assert rel_err(pipe(PROMPTS[::-1], latents=lat, output_type="np", **kw).images, ref) > 2e-2
+
+    # Seeds, latents, prompts and the guidance value are arguments: nothing recompiles.
+    traces = pipe.trace_count
+    seeded = pipe(["a red car", "the dog"], seed=5, output_type="np", **kw)  # draws its noise
+    assert pipe.trace_count == traces
+    compiles = pipe.compile_count
+    runs = [pipe(["a red car", "the dog"], seed=6, output_type="np", **kw),
+            pipe(PROMPTS[::-1], latents=lat * 0.5, output_type="np",
+                 **{**kw, "guidance_scale": 3.0})]
+    assert all(r.compile_seconds == 0.0 for r in runs)
+    assert (pipe.compile_count, pipe.trace_count) == (compiles, traces)
+    assert rel_err(seeded.images, runs[0].images) > 2e-2
+
+
+def test_sd_dpm_solver_images_per_prompt(sd):
+    """DPM-Solver++ 2M (second-order steps) from the scheduler name, no negative prompt
+    (empty unconditional prompt), two images per prompt."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    torch_pipe, sd_pipe, folder = sd
+    pipe = sd_pipe.with_scheduler("dpm++2m")  # the same models, shared
+    assert pipe.unet is sd_pipe.unet and type(sd_pipe.scheduler).__name__ == "DDIM"
+    # As a diffusers user switches schedulers: from the config read back from the folder
+    # (its options, leading spacing included, carry over to the new class).
+    saved = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    dpm = DPMSolverMultistepScheduler.from_config(saved.config)
+    assert dpm.config.timestep_spacing == "leading"
+    torch_dpm = type(torch_pipe)(**{**torch_pipe.components, "scheduler": dpm},
+                                 requires_safety_checker=False)
+    torch_dpm.set_progress_bar_config(disable=True)
+    lat = latents_for(2, 32, 32, seed=1)
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, num_images_per_prompt=2)
+    ref = reference(torch_dpm, "a cat", lat, **kw)
+    out = pipe("a cat", latents=lat, output_type="np", **kw)
+    assert rel_err(out.images, ref) <= TOL
+    assert rel_err(out.images[0], out.images[1]) > 2e-2  # different noise per image
+
+
+def test_sd_without_guidance_latent_output(sd):
+    """guidance_scale <= 1: no unconditional batch (as diffusers); "latent" output; the
+    latents alone set the size (12x16 latents: 24x32 pixels)."""
+    torch_pipe, pipe, _ = sd
+    lat = latents_for(1, 24, 32, seed=2)
+    kw = dict(num_inference_steps=3, guidance_scale=1.0)
+    ref = reference(torch_pipe, "a red car", lat, output_type="latent", height=24, width=32,
+                    **kw)
+    out = pipe("a red car", latents=lat, output_type="latent", **kw)
+    assert out.images.shape == (1, 4, 12, 16)
+    assert rel_err(out.images, ref) <= TOL
+
+
+# ----------------------------------------------------------------------------- SDXL parity
+
+def test_sdxl_matches_diffusers(sdxl):
+    """Euler (init_noise_sigma > 1), two prompts; with a negative prompt, then without
+    one (force_zeros_for_empty_prompt: zero unconditional embeddings)."""
+    torch_pipe, pipe, _ = sdxl
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    assert pipe.force_zeros_for_empty_prompt
+    lat = latents_for(2, 32, 24, seed=3)
+    kw = XL_KW
+    ref = reference(torch_pipe, ["the cat", "a red car"], lat, negative_prompt="blurry", **kw)
+    out = pipe(["the cat", "a red car"], latents=lat, negative_prompt="blurry",
+               output_type="np", **kw)
+    assert rel_err(out.images, ref) <= TOL
+    compiles = pipe.compile_count
+    ref_zero = reference(torch_pipe, ["the cat", "a red car"], lat, **kw)
+    zero = pipe(["the cat", "a red car"], latents=lat, output_type="np", **kw)
+    assert rel_err(zero.images, ref_zero) <= TOL
+    assert rel_err(ref_zero, ref) > 2e-2
+    assert pipe.compile_count == compiles + 1  # only the text encoding (zero negatives)
+
+
+# ----------------------------------------------------------------------------- merging
+
+def test_tome_matches_tomesd_in_the_pipeline(sd):
+    """ToMe without random destinations against tomesd patching the torch pipeline."""
+    torch_pipe, pipe, _ = sd
+    lat = latents_for(2, 32, 24, seed=4)
+    plain = pipe(PROMPTS, latents=lat, output_type="np", **SD_KW).images
+    tomesd.apply_patch(torch_pipe, ratio=0.5, max_downsample=1, use_rand=False)
+    try:
+        ref = reference(torch_pipe, PROMPTS, lat, **SD_KW)
+    finally:
+        tomesd.remove_patch(torch_pipe)
+    out = pipe(PROMPTS, latents=lat, output_type="np", merge=ToMe(ratio=0.5, use_rand=False),
+               **SD_KW)
+    assert rel_err(out.images, ref) <= TOL
+    assert 1e-3 < rel_err(ref, plain) < 0.5  # merging changed the image, a little
+
+
+def test_retom_cache_is_carried_and_reused(sd):
+    """ReToM(cache_step=1) inside the compiled loop equals the step-by-step path, whose
+    callback shows the state carried from step to step: its counter advances, and the
+    representatives chosen at step 1 (which differ from step 0's) stay for step 2."""
+    _, pipe, _ = sd
+    kw = dict(SD_KW, seed=11, output_type="np")
+    plain = pipe(PROMPTS, **kw).images
+    merge = ReToM(ratio=0.5, cache_step=1)
+    fused = pipe(PROMPTS, merge=merge, **kw).images
+    states = []
+    stepped = pipe(PROMPTS, merge=merge, progress=True,
+                   callback=lambda i, x, s: states.append(jax.device_get(s)), **kw).images
+    assert np.abs(stepped - fused).max() <= 1e-5
+    assert 1e-3 < rel_err(fused, plain) < 0.5
+
+    assert [int(s["step"]) for s in states] == [1, 2, 3]
+    reps = [jax.tree.leaves(s["blocks"]) for s in states]
+    assert reps[0], "ReToM carried no state"
+    for a, b in zip(reps[1], reps[2]):  # step 2 reuses what step 1 chose
+        np.testing.assert_array_equal(a, b)
+    assert any((a != b).any() for a, b in zip(reps[0], reps[1])), \
+        "steps 0 and 1 chose the same representatives: the reuse check proves nothing"
+
+
+def test_todo_and_sdxl_retom_run_compiled(sd, sdxl):
+    _, pipe, _ = sd
+    kw = dict(SD_KW, seed=2, output_type="np")
+    plain = pipe(PROMPTS, **kw).images
+    todo = pipe(PROMPTS, merge=ToDo(factor=2), **kw).images
+    assert 1e-3 < rel_err(todo, plain) < 0.5
+    # SDXL's first attention level is at downsample 2: ReToM merges there.
+    _, xl, _ = sdxl
+    kw = dict(XL_KW, seed=2, output_type="np")
+    plain = xl(["the cat", "a red car"], **kw).images
+    compiles = xl.compile_count
+    merged = xl(["the cat", "a red car"], merge=ReToM(ratio=0.5, max_downsample=2), **kw).images
+    assert xl.compile_count == compiles + 1  # one program for the whole merged loop
+    assert 1e-3 < rel_err(merged, plain) < 0.5
+
+
+# ----------------------------------------------------------------------------- validation
+
+def test_bad_inputs_fail_before_compiling(sd, sdxl):
+    _, pipe, _ = sd
+    compiles, traces = pipe.compile_count, pipe.trace_count
+    bad = [
+        (dict(height=31), "height=31 is not a multiple of 2"),
+        (dict(width=0), "width must be a positive int"),
+        (dict(prompt=[]), "empty list"),
+        (dict(prompt=["a", 3]), "string or a non-empty list of strings"),
+        (dict(prompt=["a", "b"], negative_prompt=["c"]), "negative_prompt has 1 entries but "
+                                                          "prompt has 2"),
+        (dict(negative_prompt="blurry", guidance_scale=1.0), "no effect with guidance_scale"),
+        (dict(negative_prompt="blurry", guidance_scale=0.5), "no effect with guidance_scale"),
+        (dict(latents=np.zeros((1, 4, 8, 8), np.float32), height=32, width=32),
+         r"latents must have shape \[1, 4, 16, 16\]"),
+        (dict(latents=np.zeros((4, 16, 16), np.float32)), "latents must be NCHW"),
+        (dict(latents=np.zeros((1, 4, 16, 16), np.int32)), "float array"),
+        (dict(num_inference_steps=0), "num_inference_steps must be an int >= 1"),
+        (dict(num_inference_steps=2000), "num_inference_steps=2000 must be between"),
+        (dict(output_type="tensor"), "unknown output_type"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(merge=ReToM(window=(32, 32))), "larger than the 16x16 grid"),
+        (dict(merge="retom"), "merge must be ToMe, ReToM or ToDo"),
+        (dict(seed=1, key=jax.random.key(1)), "either seed or key"),
+        (dict(guidance_scale="high"), "guidance_scale must be a number"),
+    ]
+    for kwargs, message in bad:
+        kwargs = {"prompt": "a cat", "num_inference_steps": 2, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            pipe(**kwargs)
+    assert (pipe.compile_count, pipe.trace_count) == (compiles, traces)
+    _, xl, _ = sdxl
+    with pytest.raises(ValueError, match="merges nowhere"):  # SDXL has no attention at level 1
+        xl("a cat", merge=ReToM(max_downsample=1))
+
+
+def test_loading_errors(sd, tmp_path):
+    _, _, folder = sd
+    with pytest.raises(CheckpointError, match="no model_index.json"):
+        load_pipeline(folder / "unet")
+    with pytest.raises(CheckpointError, match="neither a local pipeline folder"):
+        load_pipeline(tmp_path / "missing" / "folder")
+
+    def copy(index_edit=None, drop=()):
+        dst = tmp_path / f"copy{len(os.listdir(tmp_path))}"
+        dst.mkdir()
+        index = json.loads((folder / "model_index.json").read_text())
+        if index_edit:
+            index_edit(index)
+        (dst / "model_index.json").write_text(json.dumps(index))
+        for sub in folder.iterdir():
+            if sub.is_dir() and sub.name not in drop:
+                os.symlink(sub, dst / sub.name)
+        return dst
+
+    with pytest.raises(CheckpointError, match="'KandinskyPipeline'.*loads StableDiffusion"):
+        load_pipeline(copy(lambda i: i.update(_class_name="KandinskyPipeline")))
+    with pytest.raises(CheckpointError, match="component folder vae/ is missing"):
+        load_pipeline(copy(drop=("vae",)))
+    with pytest.raises(CheckpointError, match="declares no text_encoder"):
+        load_pipeline(copy(lambda i: i.update(text_encoder=[None, None])))
+    with pytest.raises(ValueError, match="unknown scheduler 'heun'"):
+        load_pipeline(folder, scheduler="heun")
