@@ -24,7 +24,7 @@ from .unet import UNet, UNet2DConditionModel, UNetConfig
 from .vae import VAE, AutoencoderKL, VAEConfig
 from .weights import parse_dtype, random_params
 
-__all__ = ["DEMO_NOTICE", "build_demo_pipeline", "demo_tokenizer", "DEMO_UNET", "DEMO_VAE",
+__all__ = ["DEMO_NOTICE", "bpe_vocab", "build_demo_pipeline", "demo_tokenizer", "DEMO_UNET", "DEMO_VAE",
            "DEMO_SCHEDULER"]
 
 DEMO_NOTICE = ("demo model: a tiny pipeline with random weights, built in memory. Its images "
@@ -55,16 +55,17 @@ _SYMBOLS = "abcdefghijklmnopqrstuvwxyz0123456789!,.'-"
 _WORDS = ("a", "photo", "of", "the", "cat", "dog", "painting", "in", "and", "with")
 
 
-def _vocab_and_merges():
-    """A small byte-pair vocabulary: single symbols (word-inner and word-final), a few
-    whole words, and the two special tokens last."""
+def bpe_vocab(words, symbols: str = _SYMBOLS, extra=()):
+    """``(vocab, merges)`` of a small CLIP byte-pair vocabulary: each symbol (word-inner
+    and word-final), each of ``words`` merged left to right into one token, the ``extra``
+    tokens, then ``<|startoftext|>`` and ``<|endoftext|>`` last."""
     vocab = {}
-    for c in _SYMBOLS:
+    for c in symbols:
         vocab[c] = len(vocab)
-    for c in _SYMBOLS:
+    for c in symbols:
         vocab[c + "</w>"] = len(vocab)
     merges = []
-    for word in _WORDS:
+    for word in words:
         if len(word) == 1:
             continue
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
@@ -75,8 +76,8 @@ def _vocab_and_merges():
                 merges.append(pair)
             cur += nxt
             vocab.setdefault(cur, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    for token in (*extra, "<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(token, len(vocab))
     return vocab, merges
 
 
@@ -86,7 +87,7 @@ def demo_tokenizer(model_max_length: int = 77):
     and the folder is removed."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = _vocab_and_merges()
+    vocab, merges = bpe_vocab(_WORDS)
     with tempfile.TemporaryDirectory(prefix="retom-jax-demo-") as tmp:
         tmp = Path(tmp)
         (tmp / "vocab.json").write_text(json.dumps(vocab))
@@ -100,7 +101,7 @@ def build_demo_pipeline(dtype=jnp.float32, seed: int = 0, scheduler=None,
     """The demo pipeline (random weights drawn from ``seed``). ``scheduler``: None (PLMS
     as in SD 1.5), a scheduler name (``"ddim"``, ``"dpm++2m"`` ...) or a scheduler."""
     dtype = parse_dtype(dtype)
-    vocab, _ = _vocab_and_merges()
+    vocab, _ = bpe_vocab(_WORDS)
     eos, bos = vocab["<|endoftext|>"], vocab["<|startoftext|>"]
     text_config = TextEncoderConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

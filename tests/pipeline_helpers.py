@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from retom_jax.demo import bpe_vocab
 from tests.tiny import FAMILIES, SDXL_TEXT_EMBEDS, torch_unet
 
 MAX_LENGTH = 16
@@ -25,28 +26,7 @@ SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_li
 def vocab_and_merges():
     """A CLIP byte-pair vocabulary: letters (word-inner and word-final), the WORDS merged
     into single tokens, "!" (SDXL's second tokenizer pads with it), then BOS and EOS."""
-    vocab = {}
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    for c in letters:
-        vocab[c] = len(vocab)
-    for c in letters:
-        vocab[c + "</w>"] = len(vocab)
-    merges = []
-    for word in WORDS:
-        if len(word) == 1:
-            continue
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        cur = pieces[0]
-        for nxt in pieces[1:]:
-            if f"{cur} {nxt}" not in merges:
-                merges.append(f"{cur} {nxt}")
-            cur += nxt
-            vocab.setdefault(cur, len(vocab))
-    vocab["!"] = len(vocab)
-    vocab["!</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab, merges
+    return bpe_vocab(WORDS, "abcdefghijklmnopqrstuvwxyz", extra=("!", "!</w>"))
 
 
 def make_tokenizer(**kwargs) -> CLIPTokenizer:

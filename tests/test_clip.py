@@ -17,6 +17,7 @@ from transformers import CLIPTokenizer
 
 from retom_jax.clip import (TextEncoder, TextEncoderConfig, TextEncoderOutput,
                             load_text_encoder, load_tokenizer, tokenize)
+from retom_jax.demo import bpe_vocab
 from retom_jax.weights import CheckpointError
 from tests.util import rel_err, to_numpy
 
@@ -304,24 +305,7 @@ def pipeline_tokenizers(tmp_path_factory):
     """A pipeline folder with an SD-style tokenizer/ (vocab.json, merges.txt) and a
     tokenizer_2/ written by save_pretrained (tokenizer.json), max length 12."""
     root = tmp_path_factory.mktemp("pipe")
-    vocab = {}
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    for c in letters:
-        vocab[c] = len(vocab)
-    for c in letters:
-        vocab[c + "</w>"] = len(vocab)
-    merges = []
-    for word in WORDS:  # merge each word left to right into one token
-        if len(word) == 1:
-            continue
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        cur = pieces[0]
-        for nxt in pieces[1:]:
-            merges.append(f"{cur} {nxt}")
-            cur += nxt
-            vocab.setdefault(cur, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    vocab, merges = bpe_vocab(WORDS, "abcdefghijklmnopqrstuvwxyz")
     src = root / "tokenizer"
     src.mkdir()
     (src / "vocab.json").write_text(json.dumps(vocab))
