@@ -45,6 +45,22 @@ def _window(text):
     return wh, ww
 
 
+BENCH_SCRIPTS = {"unet": "unet_speed", "merge": "merge_overhead", "pipeline": "pipeline_speed",
+                 "torch": "torch_unet_speed", "report": "report", "plot": "plot"}
+
+
+def bench(args, parser) -> int:
+    """Run ``benchmarks/<script>.py``'s ``main`` with the remaining arguments."""
+    import importlib
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (folder / "common.py").is_file():
+        parser.error(f"no benchmarks/ folder beside the package ({folder}): the benchmarks ship "
+                     "with the source checkout; install it with 'pip install -e .' from a clone")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(BENCH_SCRIPTS[args.script]).main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retom-jax",
@@ -92,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output image file; with several images, -0, -1 ... are appended")
     g.add_argument("--progress", action="store_true", help="show a progress bar")
     g.set_defaults(handler=generate, subparser=g)
+
+    b = sub.add_parser(
+        "bench", help="run a benchmark script from the checkout's benchmarks/ folder",
+        description="Run one of the scripts in benchmarks/ (see benchmarks/README.md); "
+                    "everything after the script name is passed to it, e.g. "
+                    "'retom-jax bench unet --preset tiny --out unet.json'.")
+    b.add_argument("script", choices=sorted(BENCH_SCRIPTS),
+                   help="; ".join(f"{k}: benchmarks/{v}.py" for k, v in sorted(BENCH_SCRIPTS.items())))
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    b.set_defaults(handler=bench, subparser=b)
     return parser
 
 

@@ -44,11 +44,12 @@ def test_free_merge_probe_shapes():
     assert common.FreeToDo(factor=2).downsample(x, (4, 4)).shape == (2, 4, 3)
 
 
-def test_merge_overhead_cpu(tmp_path):
+def test_merge_overhead_cpu_through_the_cli(tmp_path):
+    from retom_jax import cli
+
     out = tmp_path / "mo.json"
-    assert merge_overhead.main(["--preset", "cpu", "--tokens", "64", "--ratios", "0.5",
-                                "--iters", "2", "--warmup", "0", "--rotate", "1",
-                                "--out", str(out)]) == 0
+    assert cli.main(["bench", "merge", "--preset", "cpu", "--tokens", "64", "--ratios", "0.5",
+                     "--iters", "2", "--warmup", "0", "--rotate", "1", "--out", str(out)]) == 0
     data = read(out)
     assert data["meta"]["benchmark"] == "merge_overhead"
     assert data["meta"]["device"]["backend"] == "cpu"
