@@ -39,6 +39,9 @@ def resolve_implementation(implementation: str, dtype, head_dim: int) -> str:
     if implementation == "auto":
         on_gpu = jax.default_backend() == "gpu"
         return "cudnn" if on_gpu and cudnn_supports(dtype, head_dim) else "xla"
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"cuDNN attention needs a GPU; this JAX backend is "
+                         f"{jax.default_backend()!r}: use attention='auto' or 'xla'")
     if implementation == "cudnn" and not cudnn_supports(dtype, head_dim):
         raise ValueError(
             f"cuDNN attention needs fp16/bf16 and a head size that is a multiple of 8 "

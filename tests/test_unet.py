@@ -134,6 +134,19 @@ def test_pipeline_folder_variant_and_shards(checkpoints, tmp_path):
     assert rel_err(load_unet(tmp_path / "shards")(x, t, ehs), ref) <= 1e-4
 
 
+def test_bf16_checkpoint(checkpoints, tmp_path):
+    """Weights stored as BF16 (read without torch through ml_dtypes) load exactly."""
+    model, _ = checkpoints["sd1"]
+    half = torch_unet(FAMILIES["sd1"]).to(torch.bfloat16)
+    half.save_pretrained(tmp_path / "bf16")
+    reference = torch_unet(FAMILIES["sd1"]).float()
+    reference.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    x, t, ehs, _ = inputs("sd1", 1, 8, 8)
+    out = load_unet(tmp_path / "bf16")(x, t, ehs)
+    assert rel_err(out, torch_out(reference.eval(), x, t, ehs, None)) <= 1e-4
+    assert rel_err(out, torch_out(model, x, t, ehs, None)) > 1e-4  # bf16 rounding is visible
+
+
 def test_repo_id_from_local_cache(checkpoints, tmp_path, monkeypatch):
     _, folder = checkpoints["sd1"]
     snap = tmp_path / "hub" / "models--someone--tiny-sd" / "snapshots" / "abc123"
