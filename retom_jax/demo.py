@@ -14,8 +14,6 @@ import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from .clip import TextEncoder, TextEncoderConfig, build_text_encoder
 from .pipeline import StableDiffusionPipeline

@@ -36,12 +36,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +51,7 @@ from .clip import load_text_encoder, load_tokenizer, tokenize
 from .schedulers import from_config as scheduler_from_config
 from .unet import load_unet
 from .vae import load_vae
-from .weights import CheckpointError, cached_snapshot
+from .weights import CheckpointError, cached_snapshot, read_json
 
 __all__ = [
     "StableDiffusionPipeline", "StableDiffusionXLPipeline", "PipelineOutput", "SampleConfig",
@@ -666,16 +665,7 @@ def pipeline_folder(path_or_repo_id) -> Path:
 
 
 def read_model_index(folder) -> dict:
-    path = Path(folder) / "model_index.json"
-    try:
-        index = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder} has no model_index.json") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(index, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return index
+    return read_json(folder, "model_index.json")
 
 
 def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attention="auto",
@@ -738,10 +728,4 @@ def _make_scheduler(config: dict, scheduler):
 
 
 def _read_scheduler_config(root: Path) -> dict:
-    path = root / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{root}/scheduler/ has no scheduler_config.json")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    return read_json(root / "scheduler", "scheduler_config.json")

@@ -113,14 +113,22 @@ def read_state_dict(folder, stem: str, variant: str | None = None) -> dict[str, 
     return state
 
 
-def read_config(folder) -> dict:
-    path = Path(folder) / "config.json"
+def read_json(folder, name: str) -> dict:
+    """The JSON object in ``folder/name``, or a CheckpointError saying what is wrong."""
+    path = Path(folder) / name
     if not path.is_file():
-        raise CheckpointError(f"no config.json in {folder}")
+        raise CheckpointError(f"{folder} has no {name}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return value
+
+
+def read_config(folder) -> dict:
+    return read_json(folder, "config.json")
 
 
 def cached_snapshot(repo_id: str, what: str = "local folder") -> Path:

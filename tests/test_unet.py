@@ -1,7 +1,6 @@
 """UNet parity with diffusers' torch UNet2DConditionModel, loading, and input checks."""
 import json
 import shutil
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
