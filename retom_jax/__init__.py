@@ -6,7 +6,7 @@ without torch; every model is an NNX module with a pure ``apply`` underneath.
 from .attention import dot_product_attention
 from .clip import (TextEncoder, TextEncoderConfig, TextEncoderOutput, load_text_encoder,
                    load_tokenizer, tokenize)
-from .merge import ReToM, ToDo, ToMe
+from .merge import ReToM, ToDo, ToMe, loop_segments
 from .pipeline import (PipelineOutput, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        load_pipeline)
 from .schedulers import (DDIM, PNDM, DPMSolverMultistep, Euler, EulerAncestral,

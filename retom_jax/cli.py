@@ -42,6 +42,17 @@ def _window(text):
     return wh, ww
 
 
+def _schedule_entry(text):
+    step, sep, window = text.partition(":")
+    try:
+        step = int(step)
+    except ValueError:
+        step = None
+    if not sep or step is None:
+        raise argparse.ArgumentTypeError(f"expected STEP:WINDOW like 10:4x4, got {text!r}")
+    return step, _window(window)
+
+
 BENCH_SCRIPTS = {"unet": "unet_speed", "merge": "merge_overhead", "pipeline": "pipeline_speed",
                  "torch": "torch_unet_speed", "report": "report", "plot": "plot"}
 
@@ -98,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retom matching (local)")
     g.add_argument("--cache-step", type=_non_negative_int, default=None,
                    help="retom: reuse the representatives chosen at this step afterwards")
+    g.add_argument("--window-schedule", type=_schedule_entry, nargs="+", default=(),
+                   metavar="STEP:WINDOW",
+                   help="retom: windows that change over the steps, e.g. '10:4x4 20:2x2' "
+                        "(--window until step 10, then 4x4, from step 20 2x2)")
     g.add_argument("--todo-factor", type=_positive_int, default=2,
                    help="todo: keys/values pooled by this factor (2)")
     g.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -128,7 +143,8 @@ def make_merge(args, first_level: int):
         return ToMe(ratio=args.ratio, max_downsample=level, sx=sx, sy=sy)
     if args.merge == "retom":
         return ReToM(ratio=args.ratio, window=args.window, matching=args.matching,
-                     cache_step=args.cache_step, max_downsample=level)
+                     cache_step=args.cache_step, max_downsample=level,
+                     schedule=tuple(args.window_schedule))
     if args.merge == "todo":
         return ToDo(factor=args.todo_factor, max_downsample=level)
     return None

@@ -39,6 +39,7 @@ arguments of jitted functions; all validation raises ``ValueError`` at trace tim
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -304,6 +305,30 @@ def _window_pair(value, name):
     return int(value[0]), int(value[1])
 
 
+def _window_spec(window, name="window"):
+    """A window as stored: ``(wh, ww)``, or per level ``((downsample, (wh, ww)), ...)``
+    sorted by downsample (from a mapping or pairs)."""
+    if isinstance(window, Mapping):
+        window = tuple(window.items())
+    if not (isinstance(window, (tuple, list)) and window and all(
+            isinstance(item, (tuple, list)) for item in window)):
+        return _window_pair(window, name)
+    levels = {}
+    for item in window:
+        if len(item) != 2 or not _is_int(item[0]) or item[0] <= 0:
+            raise ValueError(
+                f"per-level windows map a positive downsample to (wh, ww), got {item!r}")
+        if int(item[0]) in levels:
+            raise ValueError(f"{name} given twice for downsample {item[0]}")
+        levels[int(item[0])] = _window_pair(item[1], f"{name} for downsample {item[0]}")
+    return tuple(sorted(levels.items()))
+
+
+def _shapes(spec):
+    """The window shapes of a stored window spec."""
+    return [s for _, s in spec] if isinstance(spec[0], tuple) else [spec]
+
+
 def _window_tables(hw, window):
     """Static layout: ``win_pos [nW, A]``, the token positions of each whole window
     (windows row-major, tokens row-major inside), and ``outside``, the positions of the
@@ -326,6 +351,14 @@ class ReToM:
     cache_step: denoising step (0-based) whose selection is reused at every later step;
                 None recomputes it at every step.
     cache:      what is reused: ``"representatives"`` or the whole ``"plan"``.
+    schedule:   windows that change over the denoising steps: ``((step, window), ...)``
+                with increasing steps >= 1, each window a pair or a per-level mapping as
+                ``window``; from ``step`` on (0-based UNet call index, as ``cache_step``)
+                that window replaces the previous one. Window shapes are static, so a
+                sampling loop runs one compiled piece per window (``loop_segments``; the
+                pipeline does this) and a single UNet call needs ``at_step(step)``. With
+                ``cache_step``, every change must come at or before it: the cached
+                selection belongs to one window layout.
     """
 
     ratio: float = 0.5
@@ -337,28 +370,31 @@ class ReToM:
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
+    schedule: tuple = ()
 
     def __post_init__(self):
-        window = self.window
-        if isinstance(window, Mapping):
-            window = tuple(window.items())
-        if isinstance(window, (tuple, list)) and window and all(
-            isinstance(item, (tuple, list)) for item in window
-        ):  # per level: ((downsample, (wh, ww)), ...)
-            levels = {}
-            for item in window:
-                if len(item) != 2 or not _is_int(item[0]) or item[0] <= 0:
-                    raise ValueError(
-                        f"per-level windows map a positive downsample to (wh, ww), got {item!r}"
-                    )
-                if int(item[0]) in levels:
-                    raise ValueError(f"window given twice for downsample {item[0]}")
-                levels[int(item[0])] = _window_pair(item[1], f"window for downsample {item[0]}")
-            window = tuple(sorted(levels.items()))
-        else:
-            window = _window_pair(window, "window")
+        window = _window_spec(self.window)
         object.__setattr__(self, "window", window)
-        shapes = [s for _, s in window] if self.per_level else [window]
+        schedule = self.schedule
+        if isinstance(schedule, Mapping):  # {step: window}: in step order
+            items = list(schedule.items())
+            schedule = sorted(items) if all(_is_int(k) for k, _ in items) else items
+        if not isinstance(schedule, (tuple, list)):
+            raise ValueError(f"schedule must be ((step, window), ...), got {schedule!r}")
+        steps, normalized = [], []
+        for item in schedule:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ValueError(f"schedule entries are (step, window) pairs, got {item!r}")
+            step, spec = item
+            if not _is_int(step) or step < 1:
+                raise ValueError(f"schedule steps must be ints >= 1 (step 0 uses window), "
+                                 f"got {step!r}")
+            if steps and step <= steps[-1]:
+                raise ValueError(f"schedule steps must increase, got {step} after {steps[-1]}")
+            steps.append(int(step))
+            normalized.append((int(step), _window_spec(spec, f"window at step {step}")))
+        object.__setattr__(self, "schedule", tuple(normalized))
+        shapes = sorted({s for spec in self._specs() for s in _shapes(spec)})
         _check_ratio(self.ratio, [a * b for a, b in shapes], f"windows {shapes}")
         if self.matching not in MATCHINGS:
             raise ValueError(f"unknown matching {self.matching!r}; choose one of {MATCHINGS}")
@@ -366,7 +402,15 @@ class ReToM:
             raise ValueError(f"unknown cache {self.cache!r}; choose one of {CACHES}")
         if self.cache_step is not None and (not _is_int(self.cache_step) or self.cache_step < 0):
             raise ValueError(f"cache_step must be None or an int >= 0, got {self.cache_step!r}")
+        if self.cache_step is not None and steps and steps[-1] > self.cache_step:
+            raise ValueError(
+                f"the window schedule changes at step {steps[-1]}, after cache_step "
+                f"{self.cache_step}: the cached selection would not fit the new windows "
+                f"(put every change at or before cache_step)")
         _check_flags(self)
+
+    def _specs(self):
+        return [self.window] + [spec for _, spec in self.schedule]
 
     @property
     def per_level(self) -> bool:
@@ -375,7 +419,28 @@ class ReToM:
     def applies(self, downsample: int) -> bool:
         return downsample <= self.max_downsample
 
+    def window_at(self, step: int):
+        """The window (a pair or per-level pairs) in force at denoising step ``step``."""
+        if not _is_int(step) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        window = self.window
+        for start, spec in self.schedule:
+            if step >= start:
+                window = spec
+        return window
+
+    def at_step(self, step: int) -> "ReToM":
+        """This config with the window in force at ``step`` and no schedule: what a UNet
+        call at that step runs (the same object when there is no schedule)."""
+        if not self.schedule:
+            return self
+        return dataclasses.replace(self, window=self.window_at(step), schedule=())
+
     def window_for(self, downsample: int = 1) -> tuple[int, int]:
+        if self.schedule:
+            raise ValueError(
+                "this ReToM changes windows over the steps (schedule=...): take "
+                "at_step(step) for the call at that step (the pipeline does this itself)")
         if not self.per_level:
             return self.window
         levels = dict(self.window)
@@ -387,10 +452,14 @@ class ReToM:
         return levels[downsample]
 
     def check_grid(self, hw, downsample: int = 1) -> None:
+        """Every window this config uses at ``downsample`` (scheduled ones too) fits."""
         h, w = _check_hw(hw)
-        wh, ww = self.window_for(downsample)
-        if wh > h or ww > w:
-            raise ValueError(f"ReToM window {wh}x{ww} is larger than the {h}x{w} grid")
+        for step in [0] + [s for s, _ in self.schedule]:
+            config = self.at_step(step)
+            wh, ww = config.window_for(downsample)
+            if wh > h or ww > w:
+                at = f" (from step {step})" if step else ""
+                raise ValueError(f"ReToM window {wh}x{ww}{at} is larger than the {h}x{w} grid")
 
     def _r(self, hw, downsample) -> int:
         """Tokens merged: ``int(N * ratio)``, at most the number of window sources."""
@@ -515,6 +584,24 @@ class ReToM:
             new_cache = {"plan": plan}
         merge, unmerge = plan_functions(plan)
         return merge, unmerge, new_cache
+
+
+def loop_segments(merge, num_steps: int):
+    """The static pieces of a sampling loop of ``num_steps`` UNet calls:
+    ``[(lo, hi, config, reuse)]``, steps ``lo <= i < hi`` each running ``config`` (no
+    schedule left in it). ``reuse`` (for ``UNet.apply``) is None without a ReToM cache,
+    else whether those steps reuse the cached selection. Pieces start at 0, at each
+    window change of a ReToM schedule and after ReToM's ``cache_step``."""
+    _check_positive_int(num_steps, "num_steps")
+    if not isinstance(merge, ReToM):
+        return [(0, num_steps, merge, None)]
+    cuts = {0, num_steps} | {s for s, _ in merge.schedule if s < num_steps}
+    if merge.cache_step is not None:
+        cuts.add(min(merge.cache_step + 1, num_steps))
+    cuts = sorted(cuts)
+    return [(lo, hi, merge.at_step(lo),
+             None if merge.cache_step is None else lo > merge.cache_step)
+            for lo, hi in zip(cuts, cuts[1:])]
 
 
 # --------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ import numpy as np
 
 from . import weights
 from .clip import load_text_encoder, load_tokenizer, tokenize
+from .merge import loop_segments
 from .schedulers import from_config as scheduler_from_config
 from .unet import load_unet
 from .vae import load_vae
@@ -361,6 +362,13 @@ class _Pipeline:
     def _check_merge(self, merge, latent_hw):
         if merge is None:
             return
+        if getattr(merge, "schedule", ()):  # every window of the schedule must fit
+            for step in [0] + [s for s, _ in merge.schedule]:
+                try:
+                    self.unet.check_merge(merge.at_step(step), latent_hw, key=jax.random.key(0))
+                except ValueError as e:
+                    raise ValueError(f"{e} (the schedule's windows from step {step})") from None
+            return
         self.unet.check_merge(merge, latent_hw, key=jax.random.key(0))
 
     # -- the traced functions
@@ -370,25 +378,30 @@ class _Pipeline:
             return None
         return {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
 
-    def _init_merge_state(self, static: SampleConfig, cond):
-        if getattr(static.merge, "cache_step", None) is None:
+    def _init_merge_state(self, static: SampleConfig, merge, cond, step=None):
+        """ReToM's empty cache for ``merge`` (a config without schedule), or None; ``step``
+        (the counter of the state it replaces) carries over when windows change."""
+        if getattr(merge, "cache_step", None) is None:
             return None
         rows = cond["encoder_hidden_states"].shape[0]
         shape = (rows, self.unet.config.in_channels) + tuple(static.latent_hw)
-        return self.unet.init_merge_state(shape, cond["encoder_hidden_states"].shape,
-                                          static.merge, self._added(cond))
+        state = self.unet.init_merge_state(shape, cond["encoder_hidden_states"].shape,
+                                           merge, self._added(cond))
+        return state if step is None else dict(state, step=step)
 
     def _body(self, static: SampleConfig, params, cond, i, carry, key, guidance_scale,
-              reuse=None):
+              merge=None, reuse=None):
         """One denoising step: UNet on ``[uncond, cond]``, guidance, scheduler update.
-        ``reuse``: see ``UNet.apply`` (None: ReToM's step counter decides at run time)."""
+        ``merge``: the config of this step (``static.merge`` resolved at the step, see
+        ``merge.loop_segments``). ``reuse``: see ``UNet.apply`` (None: ReToM's step counter
+        decides at run time)."""
         x, state, merge_state = carry
         sched = static.scheduler
         k_sched, k_merge = jax.random.split(jax.random.fold_in(key, i))
         x_in = jnp.concatenate([x, x], axis=0) if static.guidance else x
         x_in = sched.scale_model_input(state, x_in, i)
         t = state.timesteps[i]
-        kw = dict(merge=static.merge, key=k_merge if static.merge is not None else None)
+        kw = dict(merge=merge, key=k_merge if merge is not None else None)
         ehs = cond["encoder_hidden_states"]
         if merge_state is not None:
             pred, merge_state = self.unet.apply(params["unet"], x_in, t, ehs, self._added(cond),
@@ -426,28 +439,32 @@ class _Pipeline:
         """Initial carry ``(latents, scheduler state, merge state)``: the latents scaled by
         the scheduler's init_noise_sigma, and ReToM's empty cache when it carries one."""
         x = latents.astype(_F32) * static.scheduler.init_noise_sigma(state)
-        return x, state, self._init_merge_state(static, cond)
+        return x, state, self._init_merge_state(static, _merge_at(static.merge, 0), cond)
 
     def _sample(self, static: SampleConfig, params, cond, latents, state, key, guidance_scale):
         """The whole sampling loop and the decoder, as one traced function."""
         self.trace_count += 1
         carry = self._start(static, cond, latents, state)
         n = state.timesteps.shape[0]
-        # ReToM(cache_step=k): steps 0..k select afresh and steps after k reuse the cache.
-        # Two loops with that fixed at trace time let XLA drop the fresh selection from the
-        # second one (a run-time choice would compute it at every step and discard it).
-        split = n
-        if carry[2] is not None:
-            split = min(static.merge.cache_step + 1, n)
-        for lo, hi, reuse in ((0, split, False), (split, n, True)):
-            if lo < hi:
-                carry = jax.lax.fori_loop(lo, hi, lambda i, c, r=reuse: self._body(
-                    static, params, cond, i, c, key, guidance_scale, r), carry)
+        # One fori_loop per static piece (merge.loop_segments): a ReToM window schedule
+        # changes shapes, and with ReToM(cache_step=k) the steps after k reuse the cache.
+        # Fixing reuse at trace time lets XLA drop the fresh selection from those steps
+        # (a run-time choice would compute it at every step and discard it).
+        previous = _merge_at(static.merge, 0)
+        for lo, hi, merge, reuse in loop_segments(static.merge, n):
+            if merge != previous and carry[2] is not None:  # new windows: a cache to fit
+                carry = carry[:2] + (self._init_merge_state(static, merge, cond,
+                                                            carry[2]["step"]),)
+            previous = merge
+            carry = jax.lax.fori_loop(lo, hi, lambda i, c, m=merge, r=reuse: self._body(
+                static, params, cond, i, c, key, guidance_scale, m, r), carry)
         return self._finish(static, params, carry[0])
 
     def _step_fn(self, static: SampleConfig, params, cond, i, carry, key, guidance_scale):
+        """One step of the interactive path; ``static.merge`` is already resolved at the
+        step (no schedule)."""
         self.trace_count += 1
-        return self._body(static, params, cond, i, carry, key, guidance_scale)
+        return self._body(static, params, cond, i, carry, key, guidance_scale, static.merge)
 
     # -- the call
 
@@ -521,11 +538,18 @@ class _Pipeline:
     def _interactive(self, static, params, cond, latents, state, key, g, progress, callback):
         carry = self._run("start", static, cond, latents, state)
         total = int(state.timesteps.shape[0])
-        step = self._executable("step", static, params, cond, jnp.zeros((), jnp.int32), carry,
-                                key, g)
         bar = _Bar(total, "denoising") if progress else None
+        previous = _merge_at(static.merge, 0)
         try:
             for i in range(total):
+                merge = _merge_at(static.merge, i)
+                if merge != previous and carry[2] is not None:  # new windows: a cache to fit
+                    carry = carry[:2] + (self._init_merge_state(static, merge, cond,
+                                                                carry[2]["step"]),)
+                previous = merge
+                step_static = dataclasses.replace(static, merge=merge)
+                step = self._executable("step", step_static, params, cond,
+                                        jnp.zeros((), jnp.int32), carry, key, g)
                 carry = step(params, cond, jnp.asarray(i, jnp.int32), carry, key, g)
                 if bar is not None:
                     jax.block_until_ready(carry[0])
@@ -627,6 +651,11 @@ class StableDiffusionXLPipeline(_Pipeline):
     def _added_cond(self, height, width, rows):
         ids = np.array([[height, width, 0, 0, height, width]], np.float32)
         return {"time_ids": jnp.asarray(np.repeat(ids, rows, axis=0))}
+
+
+def _merge_at(merge, step):
+    """``merge`` as it runs at ``step``: a ReToM window schedule resolved, others as is."""
+    return merge.at_step(step) if hasattr(merge, "at_step") else merge
 
 
 def _check_tokenizer(tokenizer, encoder, name):

@@ -476,6 +476,10 @@ class UNet:
         """Raise ValueError if ``merge`` cannot run on this UNet at this latent size."""
         if not all(hasattr(merge, a) for a in ("applies", "check_grid")):
             raise ValueError(f"merge must be ToMe, ReToM or ToDo (or None), got {merge!r}")
+        if getattr(merge, "schedule", ()):
+            raise ValueError(
+                "ReToM(schedule=...) changes windows over the denoising steps and a UNet call "
+                "is one step: pass merge.at_step(step) (the pipeline splits its loop itself)")
         levels = [d for d in self.config.attention_downsamples() if merge.applies(d)]
         name = type(merge).__name__
         if not levels and name != "ToMe":  # tomesd itself silently merges nothing there

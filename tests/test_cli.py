@@ -56,7 +56,8 @@ def test_pipeline_folder(folder, tmp_path, capsys, spy):
     assert main(["generate", "--model", str(folder), "--prompt", "the cat",
                  "--negative-prompt", "blurry", "--steps", "3", "--height", "32", "--width",
                  "24", "--seed", "3", "--scheduler", "euler", "--merge", "retom",
-                 "--cache-step", "1", "--num-images", "2", "--out", str(out)]) == 0
+                 "--cache-step", "1", "--window-schedule", "1:1x2", "--num-images", "2",
+                 "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "noise" not in text and "time per image:" in text
     files = [tmp_path / "sub" / "img-0.png", tmp_path / "sub" / "img-1.png"]
@@ -64,16 +65,17 @@ def test_pipeline_folder(folder, tmp_path, capsys, spy):
     assert all(im.shape == (32, 24, 3) for im in images)
 
     ((args, kwargs, pipe),) = spy
+    scheduled = ReToM(ratio=0.5, cache_step=1, schedule={1: (1, 2)})
     assert args[0] == str(folder) and kwargs["scheduler"] == "euler"
     assert type(pipe.scheduler).__name__ == "Euler"
     expected = pipe("the cat", negative_prompt="blurry", num_inference_steps=3, height=32,
-                    width=24, seed=3, merge=ReToM(ratio=0.5, cache_step=1),
+                    width=24, seed=3, merge=scheduled,
                     num_images_per_prompt=2, output_type="pil")
     assert expected.compile_seconds == 0.0  # the CLI's own program: the same options
     for got, want in zip(images, expected.images):
         np.testing.assert_array_equal(got, np.asarray(want))
     other = pipe("the cat", num_inference_steps=3, height=32, width=24, seed=4,
-                 merge=ReToM(ratio=0.5, cache_step=1), num_images_per_prompt=2,
+                 merge=scheduled, num_images_per_prompt=2,
                  output_type="pil", negative_prompt="blurry")
     assert np.abs(np.asarray(other.images[0], float) - images[0]).mean() > 1  # seed matters
 
@@ -96,6 +98,12 @@ def test_pipeline_folder(folder, tmp_path, capsys, spy):
      "unknown image extension '.notanimage'"),
     (["generate", "--model", "demo", "--prompt", "x", "--window", "2by2"],
      "expected a window like 2x2"),
+    (["generate", "--model", "demo", "--prompt", "x", "--window-schedule", "4x4"],
+     "expected STEP:WINDOW like 10:4x4"),
+    (["generate", "--model", "demo", "--prompt", "x", "--merge", "retom", "--window-schedule",
+      "0:4x4"], "schedule steps must be ints >= 1"),
+    (["generate", "--model", "demo", "--prompt", "x", "--merge", "retom", "--cache-step", "3",
+      "--window-schedule", "2:4x4", "5:2x2"], "changes at step 5, after cache_step 3"),
     (["generate", "--model", "/no/such/folder", "--prompt", "x"],
      "neither a local pipeline folder nor a Hugging Face repo id"),
     ([], "required: COMMAND"),

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tomesd import merge as tomesd_merge
 
-from retom_jax.merge import ReToM, ToDo, ToMe, grid_for
+from retom_jax.merge import ReToM, ToDo, ToMe, grid_for, loop_segments
 from tests.util import rel_err
 
 
@@ -320,6 +320,40 @@ def test_retom_per_level_windows():
         cfg.plan(metric, hw, downsample=3)
 
 
+def test_retom_window_schedule():
+    """Windows over the steps: each step runs the window in force, plans as a fixed-window
+    config would, and a loop is cut wherever the window or the cache use changes."""
+    cfg = ReToM(ratio=0.5, window=(2, 2), schedule={3: {1: (4, 4)}, 1: (1, 2)})
+    assert cfg.schedule == ((1, (1, 2)), (3, ((1, (4, 4)),)))  # sorted, normalized
+    assert hash(cfg) == hash(ReToM(ratio=0.5, schedule=((1, [1, 2]), (3, {1: (4, 4)}))))
+    assert [cfg.window_at(i) for i in range(5)] == [(2, 2), (1, 2), (1, 2)] + [((1, (4, 4)),)] * 2
+    assert cfg.at_step(2) == ReToM(ratio=0.5, window=(1, 2))
+    assert ReToM().at_step(7) is not None and ReToM().at_step(7) == ReToM()
+    hw = (8, 12)
+    metric, x = normal(0, (2, 96, 8)), normal(1, (2, 96, 8))
+    for step, window in ((0, (2, 2)), (2, (1, 2)), (4, (4, 4))):
+        exp_merged, _, _ = retom_reference(metric, x, hw, window, 0.5, "local")
+        merged, _, _ = merge_roundtrip(cfg.at_step(step), hw)(metric, x, exp_merged)
+        assert rel_err(merged, exp_merged) <= 1e-5
+    with pytest.raises(ValueError, match="take at_step"):
+        cfg.plan(metric, hw)
+    with pytest.raises(ValueError, match=r"window 4x4 \(from step 3\) is larger than the 3x8"):
+        cfg.check_grid((3, 8))
+
+    assert loop_segments(cfg, 5) == [(0, 1, cfg.at_step(0), None), (1, 3, cfg.at_step(1), None),
+                                     (3, 5, cfg.at_step(3), None)]
+    assert loop_segments(cfg, 2) == [(0, 1, cfg.at_step(0), None), (1, 2, cfg.at_step(1), None)]
+    cached = ReToM(schedule=((2, (4, 4)),), cache_step=2, cache="plan")
+    assert [(lo, hi, m.window, r) for lo, hi, m, r in loop_segments(cached, 6)] == [
+        (0, 2, (2, 2), False), (2, 3, (4, 4), False), (3, 6, (4, 4), True)]
+    assert loop_segments(ReToM(cache_step=0), 1) == [(0, 1, ReToM(cache_step=0), False)]
+    tome = ToMe()
+    assert loop_segments(tome, 4) == [(0, 4, tome, None)]
+    assert loop_segments(None, 4) == [(0, 4, None, None)]
+    with pytest.raises(ValueError, match="num_steps must be a positive int"):
+        loop_segments(cfg, 0)
+
+
 # --------------------------------------------------------------------------------------
 # Properties of every plan
 # --------------------------------------------------------------------------------------
@@ -545,6 +579,17 @@ def test_applies():
         (lambda: ReToM(cache="keys"), "unknown cache"),
         (lambda: ReToM(cache_step=-1), "cache_step must be None or an int"),
         (lambda: ReToM(max_downsample=0), "max_downsample must be a positive int"),
+        (lambda: ReToM(schedule=((0, (2, 2)),)), "schedule steps must be ints >= 1"),
+        (lambda: ReToM(schedule=((2, (2, 2)), (2, (4, 4)))), "schedule steps must increase"),
+        (lambda: ReToM(schedule=((3, (2, 2)), (1, (4, 4)))), "must increase, got 1 after 3"),
+        (lambda: ReToM(schedule=((1.5, (2, 2)),)), "schedule steps must be ints"),
+        (lambda: ReToM(schedule=((1, (2, 0)),)), "dimensions must be positive"),
+        (lambda: ReToM(schedule=((1,),)), r"entries are \(step, window\) pairs"),
+        (lambda: ReToM(schedule=(2, 2)), r"entries are \(step, window\) pairs"),
+        (lambda: ReToM(schedule="4x4"), "schedule must be"),
+        (lambda: ReToM(ratio=0.6, schedule=((5, (1, 2)),)), r"ratio must be in \[0, 0.5\]"),
+        (lambda: ReToM(schedule=((5, (4, 4)),), cache_step=4), "changes at step 5, after cache_step 4"),
+        (lambda: ReToM(schedule=((4, (4, 4)),), cache_step=4), None),
         (lambda: ToDo(factor=0), "factor must be a positive int"),
         (lambda: ToDo(method="bilinear"), "unknown ToDo method"),
         (lambda: ToDo(max_downsample=-2), "max_downsample must be a positive int"),

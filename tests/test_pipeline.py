@@ -9,6 +9,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tomesd
@@ -169,6 +170,51 @@ def test_retom_cache_is_carried_and_reused(sd):
         np.testing.assert_array_equal(a, b)
     assert any((a != b).any() for a, b in zip(reps[0], reps[1])), \
         "steps 0 and 1 chose the same representatives: the reuse check proves nothing"
+
+
+def unet_loop(pipe, merge, latents, steps, guidance=7.5):
+    """DDIM with guidance as a plain Python loop over ``pipe.unet`` calls, each with
+    ``merge.at_step(i)``; ReToM's cache is made afresh for each new window layout and its
+    step counter decides the reuse. Returns the final latents."""
+    cond = pipe.encode_prompt(PROMPTS, SD_KW["negative_prompt"], guidance_scale=guidance,
+                              height=32, width=24)
+    ehs = cond["encoder_hidden_states"]
+    sched = pipe.scheduler
+    state = sched.set_timesteps(steps, latents.shape)
+    x = jnp.asarray(latents) * sched.init_noise_sigma(state)
+    merge_state, previous = None, None
+    for i in range(steps):
+        m = merge.at_step(i)
+        x_in = sched.scale_model_input(state, jnp.concatenate([x, x]), i)
+        if m != previous:
+            fresh = pipe.unet.init_merge_state(x_in.shape, ehs.shape, m)
+            merge_state = dict(fresh, step=jnp.asarray(i, jnp.int32))
+        previous = m
+        pred, merge_state = pipe.unet(x_in, state.timesteps[i], ehs, merge=m,
+                                      merge_state=merge_state)
+        uncond, text = jnp.split(pred, 2)
+        x, state = sched.step(state, uncond + guidance * (text - uncond), i, x)
+    return np.asarray(x)
+
+
+def test_retom_window_schedule_in_the_loop(sd):
+    """ReToM windows 2x2, then 4x4 from step 1, then 2x1 from step 2 (where the selection
+    is cached for step 3): the compiled loop (one piece per window) and the step-by-step
+    path equal a Python loop over single UNet calls; the schedule changes the result."""
+    _, pipe, _ = sd
+    lat = latents_for(2, 32, 24, seed=6)
+    merge = ReToM(ratio=0.5, window=(2, 2), schedule=((1, (4, 4)), (2, (2, 1))), cache_step=2)
+    kw = dict(SD_KW, num_inference_steps=4, latents=lat, output_type="latent")
+    fused = pipe(PROMPTS, merge=merge, **kw).images
+    stepped = pipe(PROMPTS, merge=merge, progress=True, **kw).images
+    expected = unet_loop(pipe, merge, lat, steps=4)
+    assert rel_err(fused, expected) <= 1e-4
+    assert rel_err(stepped, expected) <= 1e-4
+    last_only = pipe(PROMPTS, merge=ReToM(ratio=0.5, window=(2, 1), cache_step=2), **kw).images
+    assert rel_err(fused, last_only) > 1e-3  # steps 0 and 1 really used other windows
+    with pytest.raises(ValueError, match=r"window 32x32 is larger than the 16x12 grid "
+                                         r"\(the schedule's windows from step 2\)"):
+        pipe(PROMPTS, merge=ReToM(schedule=((2, (32, 32)),)), **kw)
 
 
 def test_todo_and_sdxl_retom_run_compiled(sd, sdxl):

@@ -194,6 +194,8 @@ def test_merge_config_errors_before_compiling(models):
         sd1(*inputs("sd1", 2, 8, 8), merge=ToMe(use_rand=False), merge_state={})
     with pytest.raises(ValueError, match="merge must be ToMe, ReToM or ToDo"):
         sd1(*inputs("sd1", 2, 8, 8), merge="retom")
+    with pytest.raises(ValueError, match=r"a UNet call is one step: pass merge.at_step\(step\)"):
+        sd1(*inputs("sd1", 2, 8, 8), merge=ReToM(schedule=((1, (4, 4)),)))
     assert (sdxl._jitted._cache_size(), sd1._jitted._cache_size()) == compiled  # nothing compiled
 
 
