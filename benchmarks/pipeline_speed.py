@@ -11,7 +11,9 @@ images. Classifier-free guidance is on (``guidance_scale`` 7.5: the UNet sees a 
 Models: ``demo`` (the tiny random pipeline of ``retom_jax.demo``: CPU smoke), ``sd15`` /
 ``sdxl`` (random weights at the real architectures: CLIP text encoder(s), UNet, VAE; a
 small demo tokenizer, whose ids are valid for the real vocabularies), or ``--weights PATH``
-(a diffusers pipeline folder: real weights, real tokenizer).
+(a diffusers pipeline folder: real weights, real tokenizer). ``--compile-only`` compiles
+each row's program (``pipe.compile``) and samples nothing: the whole-pipeline compile time
+(``compile_s``; ``first_call_s`` adds the text encoder's run and its small programs).
 
     python benchmarks/pipeline_speed.py --preset tiny --out results/pipeline_tiny.json
     python benchmarks/pipeline_speed.py --preset gpu --models sd15 --out results/pipeline_sd15_h100.json
@@ -114,6 +116,9 @@ def parse_args(argv):
     p.add_argument("--attention", choices=["auto", "cudnn", "xla"], default="auto")
     p.add_argument("--repeats", type=int, help="timed calls per row (median)")
     p.add_argument("--warmup", type=int)
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile each row's sampling program (pipe.compile) and time nothing: "
+                        "the whole-pipeline compile time, also where sampling would be slow")
     p.add_argument("--time-budget", type=float, default=None)
     p.add_argument("--out")
     args = p.parse_args(argv)
@@ -187,6 +192,18 @@ def main(argv=None) -> int:
                                     guidance_scale=args.guidance, height=size, width=size,
                                     seed=seed, output_type="np", merge=merge)
                     try:
+                        if args.compile_only:
+                            t1 = time.perf_counter()
+                            row["compile_s"] = pipe.compile(
+                                prompts, num_inference_steps=args.steps,
+                                guidance_scale=args.guidance, height=size, width=size,
+                                output_type="np", merge=merge)
+                            row["first_call_s"] = time.perf_counter() - t1
+                            writer.add(row)
+                            print(f"{label} {size}px {args.steps} steps {method} "
+                                  f"{row['ratio']:.2f}: compile {row['compile_s']:.1f} s",
+                                  flush=True)
+                            continue
                         t1 = time.perf_counter()
                         out = call()
                         row["first_call_s"] = time.perf_counter() - t1

@@ -489,6 +489,40 @@ class _Pipeline:
         """
         t_start = time.perf_counter()
         self._compile_clock = 0.0
+        static, args = self._prepare(prompt, negative_prompt, num_inference_steps,
+                                     guidance_scale, height, width, num_images_per_prompt,
+                                     seed, key, latents, output_type, merge, callback)
+        if progress or callback is not None:
+            out = self._interactive(static, *args, progress, callback)
+        else:
+            out = self._run("sample", static, *args)
+        out = np.asarray(jax.block_until_ready(out))
+        if output_type == "pil":
+            out = _to_pil(out)
+        compile_s = self._compile_clock
+        return PipelineOutput(out, compile_s, time.perf_counter() - t_start - compile_s)
+
+    def compile(self, prompt="", negative_prompt=None, num_inference_steps: int = 50,
+                guidance_scale: float = 7.5, height: int | None = None,
+                width: int | None = None, num_images_per_prompt: int = 1,
+                output_type: str = "pil", merge=None) -> float:
+        """Compile the sampling program for these options without sampling; returns the
+        seconds spent compiling (0.0 when it was compiled already). A later call with the
+        same options (the same number of prompts, images per prompt, steps, size, whether
+        guidance is on, output type and merge config) runs it at once, whatever the prompt
+        text, seed or guidance value. The text encoder does run, to shape its output."""
+        self._compile_clock = 0.0
+        static, args = self._prepare(prompt, negative_prompt, num_inference_steps,
+                                     guidance_scale, height, width, num_images_per_prompt,
+                                     None, None, None, output_type, merge, None)
+        self._executable("sample", static, *args)
+        return self._compile_clock
+
+    def _prepare(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height,
+                 width, num_images_per_prompt, seed, key, latents, output_type, merge,
+                 callback):
+        """Check every argument (nothing compiles before this passes), encode the prompts
+        and draw the noise: ``(static config, (params, cond, latents, state, key, g))``."""
         prompts, negatives, guidance = self._check_prompts(prompt, negative_prompt,
                                                            guidance_scale)
         n = self._check_count(num_images_per_prompt)
@@ -524,16 +558,7 @@ class _Pipeline:
             latents, key = self._run("noise", shape, key)
         g = jnp.asarray(guidance_scale, _F32)
         params = {"unet": self.unet.params, "vae": self.vae.params}
-        if progress or callback is not None:
-            out = self._interactive(static, params, cond, latents, state, key, g,
-                                    progress, callback)
-        else:
-            out = self._run("sample", static, params, cond, latents, state, key, g)
-        out = np.asarray(jax.block_until_ready(out))
-        if output_type == "pil":
-            out = _to_pil(out)
-        compile_s = self._compile_clock
-        return PipelineOutput(out, compile_s, time.perf_counter() - t_start - compile_s)
+        return static, (params, cond, latents, state, key, g)
 
     def _interactive(self, static, params, cond, latents, state, key, g, progress, callback):
         carry = self._run("start", static, cond, latents, state)

@@ -15,7 +15,9 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+import device_check  # noqa: E402
 import merge_overhead  # noqa: E402
+import pipeline_speed  # noqa: E402
 import plot  # noqa: E402
 import report  # noqa: E402
 import torch_unet_speed  # noqa: E402
@@ -42,6 +44,39 @@ def test_free_merge_probe_shapes():
         np.testing.assert_array_equal(m, x[:, :kept])
         assert unmerge(m).shape == x.shape
     assert common.FreeToDo(factor=2).downsample(x, (4, 4)).shape == (2, 4, 3)
+
+
+def test_device_check_tiny(tmp_path):
+    """bf16 against the float32 reference on the same (rounded) weights: close, not equal."""
+    out = tmp_path / "dc.json"
+    assert device_check.main(["--preset", "tiny", "--out", str(out)]) == 0
+    data = read(out)
+    assert data["meta"]["benchmark"] == "device_check"
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"none", "retom", "tome"}
+    for r in rows.values():  # merged rows may also pick a few other tokens in bf16
+        assert r.get("error") is None and r["finite"], r
+        assert 1e-4 < r["rel_err"] < (3e-2 if r["method"] == "none" else 0.1), r
+    assert 0.9 <= rows["retom"]["same_plan"] <= 1.0
+
+
+def test_pipeline_speed_tiny(tmp_path):
+    """Seconds per image on the demo pipeline, then the compile-only mode: one row per
+    method each, and the timed run's programs are not compiled again by its repeats."""
+    out, only = tmp_path / "p.json", tmp_path / "c.json"
+    common_args = ["--preset", "tiny", "--steps", "2", "--methods", "none", "retom"]
+    assert pipeline_speed.main(common_args + ["--repeats", "2", "--warmup", "0",
+                                              "--out", str(out)]) == 0
+    rows = read(out)["rows"]
+    assert [r["method"] for r in rows] == ["none", "retom"]
+    for r in rows:
+        assert r.get("error") is None, r
+        assert r["compile_s"] > 0 and r["median_s"] > 0 and r["repeats"] == 2
+        assert r["first_call_s"] >= r["compile_s"]
+    assert pipeline_speed.main(common_args + ["--compile-only", "--out", str(only)]) == 0
+    rows = read(only)["rows"]
+    assert [r["method"] for r in rows] == ["none", "retom"]
+    assert all(r["compile_s"] > 0 and "median_s" not in r for r in rows), rows
 
 
 def test_merge_overhead_cpu_through_the_cli(tmp_path):

@@ -217,6 +217,25 @@ def test_retom_window_schedule_in_the_loop(sd):
         pipe(PROMPTS, merge=ReToM(schedule=((2, (32, 32)),)), **kw)
 
 
+def test_compile_ahead(sd):
+    """compile() builds the program a call with the same options then runs at once, for
+    any prompt text, seed or guidance value; it samples nothing."""
+    _, pipe, _ = sd
+    merge = ReToM(ratio=0.3, matching="global")
+    options = dict(num_inference_steps=3, height=32, width=24, merge=merge)
+    traces = pipe.trace_count
+    seconds = pipe.compile(["x", "y"], negative_prompt=["", ""], **options)
+    assert seconds > 0 and pipe.trace_count == traces + 1
+    assert pipe.compile(["x", "y"], **options) == 0.0
+    compiles = pipe.compile_count
+    out = pipe(PROMPTS, guidance_scale=3.0, seed=9, output_type="np", **options)
+    assert out.compile_seconds == 0.0 and pipe.compile_count == compiles
+    assert out.images.shape == (2, 32, 24, 3)
+    with pytest.raises(ValueError, match="larger than the 16x12 grid"):
+        pipe.compile("x", num_inference_steps=3, height=32, width=24,
+                     merge=ReToM(window=(32, 32)))
+
+
 def test_todo_and_sdxl_retom_run_compiled(sd, sdxl):
     _, pipe, _ = sd
     kw = dict(SD_KW, seed=2, output_type="np")
