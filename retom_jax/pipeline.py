@@ -389,6 +389,13 @@ class _Pipeline:
                                            merge, self._added(cond))
         return state if step is None else dict(state, step=step)
 
+    def _fit_cache(self, static: SampleConfig, merge, previous, cond, carry):
+        """``carry`` with ReToM's cache made afresh for ``merge`` where its windows differ
+        from ``previous``'s (a window schedule's change); the step counter carries over."""
+        if merge == previous or carry[2] is None:
+            return carry
+        return carry[:2] + (self._init_merge_state(static, merge, cond, carry[2]["step"]),)
+
     def _body(self, static: SampleConfig, params, cond, i, carry, key, guidance_scale,
               merge=None, reuse=None):
         """One denoising step: UNet on ``[uncond, cond]``, guidance, scheduler update.
@@ -452,10 +459,7 @@ class _Pipeline:
         # (a run-time choice would compute it at every step and discard it).
         previous = _merge_at(static.merge, 0)
         for lo, hi, merge, reuse in loop_segments(static.merge, n):
-            if merge != previous and carry[2] is not None:  # new windows: a cache to fit
-                carry = carry[:2] + (self._init_merge_state(static, merge, cond,
-                                                            carry[2]["step"]),)
-            previous = merge
+            carry, previous = self._fit_cache(static, merge, previous, cond, carry), merge
             carry = jax.lax.fori_loop(lo, hi, lambda i, c, m=merge, r=reuse: self._body(
                 static, params, cond, i, c, key, guidance_scale, m, r), carry)
         return self._finish(static, params, carry[0])
@@ -568,10 +572,7 @@ class _Pipeline:
         try:
             for i in range(total):
                 merge = _merge_at(static.merge, i)
-                if merge != previous and carry[2] is not None:  # new windows: a cache to fit
-                    carry = carry[:2] + (self._init_merge_state(static, merge, cond,
-                                                                carry[2]["step"]),)
-                previous = merge
+                carry, previous = self._fit_cache(static, merge, previous, cond, carry), merge
                 step_static = dataclasses.replace(static, merge=merge)
                 step = self._executable("step", step_static, params, cond,
                                         jnp.zeros((), jnp.int32), carry, key, g)
