@@ -187,48 +187,43 @@ def main(argv=None) -> int:
                     if method == "retom_cached":
                         row["cache_step"] = args.cache_step
 
+                    options = dict(num_inference_steps=args.steps, guidance_scale=args.guidance,
+                                   height=size, width=size, output_type="np", merge=merge)
+
                     def call(seed=0):
-                        return pipe(prompts, num_inference_steps=args.steps,
-                                    guidance_scale=args.guidance, height=size, width=size,
-                                    seed=seed, output_type="np", merge=merge)
+                        return pipe(prompts, seed=seed, **options)
                     try:
-                        if args.compile_only:
-                            t1 = time.perf_counter()
-                            row["compile_s"] = pipe.compile(
-                                prompts, num_inference_steps=args.steps,
-                                guidance_scale=args.guidance, height=size, width=size,
-                                output_type="np", merge=merge)
-                            row["first_call_s"] = time.perf_counter() - t1
-                            writer.add(row)
-                            print(f"{label} {size}px {args.steps} steps {method} "
-                                  f"{row['ratio']:.2f}: compile {row['compile_s']:.1f} s",
-                                  flush=True)
-                            continue
                         t1 = time.perf_counter()
-                        out = call()
+                        row["compile_s"] = (pipe.compile(prompts, **options) if args.compile_only
+                                            else call().compile_seconds)
                         row["first_call_s"] = time.perf_counter() - t1
-                        row["compile_s"] = out.compile_seconds
-                        for i in range(args.warmup):
-                            call(1 + i)
-                        times = []
-                        for i in range(args.repeats):
-                            t1 = time.perf_counter()
-                            call(100 + i)  # a new seed each call: never recompiles
-                            times.append(time.perf_counter() - t1)
-                        med = statistics.median(times)
-                        row.update(median_s=med, p10_s=common.percentile(times, 10),
-                                   p90_s=common.percentile(times, 90), min_s=min(times),
-                                   repeats=args.repeats, s_per_image=med / args.images,
-                                   peak_gb=common.peak_memory_gb())
+                        if not args.compile_only:
+                            for i in range(args.warmup):
+                                call(1 + i)
+                            times = []
+                            for i in range(args.repeats):
+                                t1 = time.perf_counter()
+                                call(100 + i)  # a new seed each call: never recompiles
+                                times.append(time.perf_counter() - t1)
+                            med = statistics.median(times)
+                            row.update(median_s=med, p10_s=common.percentile(times, 10),
+                                       p90_s=common.percentile(times, 90), min_s=min(times),
+                                       repeats=args.repeats, s_per_image=med / args.images,
+                                       peak_gb=common.peak_memory_gb())
                     except Exception as e:  # noqa: BLE001 - e.g. out of memory
-                        row.update(median_s=None, error=common.short_error(e))
+                        row.update(error=common.short_error(e))
+                        if not args.compile_only:
+                            row["median_s"] = None
                     if method == "none":
                         none_s = row.get("median_s")
                     if none_s and row.get("median_s"):
                         row["speedup"] = none_s / row["median_s"]
                     writer.add(row)
+                    result = (f"compile {row.get('compile_s') or float('nan'):.1f} s"
+                              if args.compile_only else
+                              f"{row.get('s_per_image') or float('nan'):.3f} s/image")
                     print(f"{label} {size}px {args.steps} steps {method} {row['ratio']:.2f}: "
-                          f"{row.get('s_per_image') or float('nan'):.3f} s/image"
+                          f"{result}"
                           + (f" ERROR {row['error']}" if row.get("error") else ""), flush=True)
                 if stopped:
                     break
