@@ -14,6 +14,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import attention_memory  # noqa: E402
 import common  # noqa: E402
 import device_check  # noqa: E402
 import merge_overhead  # noqa: E402
@@ -167,3 +168,18 @@ def test_report_and_plot(unet_results, tmp_path, capsys):
         return
     pngs = sorted(p.name for p in out_dir.glob("*.png"))
     assert "speedup_sd15-tiny.png" in pngs and "ratio_sd15-tiny.png" in pngs
+
+
+def test_attention_memory_tiny(tmp_path):
+    """Compiled only: the chunked rows report less XLA scratch, and their FLOPs counted per
+    loop trip equal the plain program's (the raw cost analysis counts one chunk)."""
+    out = tmp_path / "am.json"
+    rows = attention_memory.main(["--model", "sd15-tiny", "--size", "64", "--methods", "none",
+                                  "--chunk-bytes", "inf", "4096", "--out", str(out)])
+    data = read(out)
+    assert data["meta"]["benchmark"] == "attention_memory" and len(data["rows"]) == 2
+    plain, chunked = rows
+    assert plain["chunked_calls"] == 0 and chunked["chunked_calls"] > 0
+    assert chunked["xla_temp_gb"] < plain["xla_temp_gb"]
+    assert chunked["gflops"] < plain["gflops"] == plain["gflops_per_trip"]
+    assert chunked["gflops_per_trip"] == pytest.approx(plain["gflops"], rel=1e-3)
