@@ -43,7 +43,7 @@ def parse_args(argv):
     p.add_argument("--methods", nargs="+")
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--attention", choices=["auto", "cudnn", "xla"], default="auto",
+    p.add_argument("--attention", choices=["auto", "cudnn", "xla", "splash"], default="auto",
                    help="the fast path's attention kernel (the reference always uses xla)")
     p.add_argument("--out")
     args = p.parse_args(argv)

@@ -136,7 +136,7 @@ def parse_args(argv):
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=40)
     p.add_argument("--channels", type=int, default=320)
-    p.add_argument("--attention", choices=["auto", "cudnn", "xla"], default="auto")
+    p.add_argument("--attention", choices=["auto", "cudnn", "xla", "splash"], default="auto")
     p.add_argument("--iters", type=int)
     p.add_argument("--warmup", type=int)
     p.add_argument("--inner", type=int, help="calls per timing sample (pipelined)")

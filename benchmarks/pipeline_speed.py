@@ -113,7 +113,7 @@ def parse_args(argv):
     p.add_argument("--cache-step", type=int, default=0,
                    help="retom_cached: the step whose selection is reused afterwards")
     p.add_argument("--dtype")
-    p.add_argument("--attention", choices=["auto", "cudnn", "xla"], default="auto")
+    p.add_argument("--attention", choices=["auto", "cudnn", "xla", "splash"], default="auto")
     p.add_argument("--repeats", type=int, help="timed calls per row (median)")
     p.add_argument("--warmup", type=int)
     p.add_argument("--compile-only", action="store_true",

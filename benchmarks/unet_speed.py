@@ -45,7 +45,7 @@ def parse_args(argv):
                    help="default: all for the model (none is always measured)")
     p.add_argument("--ratios", type=float, nargs="+", help="default: gpu 0.3 0.5 0.75, tiny 0.5")
     p.add_argument("--dtype", help="bf16 (gpu default), fp16, fp32 (tiny default)")
-    p.add_argument("--attention", choices=["auto", "cudnn", "xla"], default="auto")
+    p.add_argument("--attention", choices=["auto", "cudnn", "xla", "splash"], default="auto")
     p.add_argument("--weights", help="a diffusers UNet folder (or pipeline folder) instead of "
                                      "random weights; --models then only names the rows")
     p.add_argument("--no-ideal", action="store_true", help="skip the FreeMerge probes")
