@@ -1,4 +1,5 @@
 """The attention dispatch: kernel choice, numerics against torch SDPA, and its errors."""
+import functools
 import math
 
 import jax
@@ -76,13 +77,11 @@ def test_errors():
 # The chunked XLA fallback (issue 10)
 # --------------------------------------------------------------------------------------
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames="is_causal")
 def _plain_xla(q, k, v, mask=None, is_causal=False):
+    """The unchunked XLA formulation (the reference of the chunked path and of splash)."""
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
                                         implementation="xla")
-
-
-_plain_xla = jax.jit(_plain_xla.__wrapped__, static_argnames="is_causal")
 
 
 def test_chunk_size_from_shapes():
