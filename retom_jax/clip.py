@@ -163,10 +163,12 @@ class TextEncoderConfig:
 # ----------------------------------------------------------------------------- modules
 
 class CLIPAttention(nnx.Module):
-    """Causal multi-head self-attention (``q_proj``/``k_proj``/``v_proj``/``out_proj``)."""
+    """Multi-head self-attention (``q_proj``/``k_proj``/``v_proj``/``out_proj``); causal
+    for the text encoder, bidirectional (``causal=False``) for the image tower. ``config``
+    needs ``hidden_size``, ``num_attention_heads`` and ``head_dim``."""
 
     def __init__(self, config: TextEncoderConfig, *, attention="auto", dtype, param_dtype,
-                 rngs):
+                 rngs, causal: bool = True):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         c = config.hidden_size
         self.q_proj = linear(c, c, **kw)
@@ -175,12 +177,13 @@ class CLIPAttention(nnx.Module):
         self.out_proj = linear(c, c, **kw)
         self.heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.attention = attention
+        self.causal = causal
 
     def __call__(self, x):
         b, t, _ = x.shape
         split = lambda y: y.reshape(b, t, self.heads, self.head_dim)  # noqa: E731
         out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
-                                    split(self.v_proj(x)), is_causal=True,
+                                    split(self.v_proj(x)), is_causal=self.causal,
                                     implementation=self.attention)
         return self.out_proj(out.reshape(b, t, self.heads * self.head_dim))
 
@@ -200,10 +203,10 @@ class CLIPEncoderLayer(nnx.Module):
     """Pre-norm transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
 
     def __init__(self, config: TextEncoderConfig, *, attention="auto", dtype, param_dtype,
-                 rngs):
+                 rngs, causal: bool = True):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_norm1 = layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
-        self.self_attn = CLIPAttention(config, attention=attention, **kw)
+        self.self_attn = CLIPAttention(config, attention=attention, causal=causal, **kw)
         self.layer_norm2 = layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
         self.mlp = CLIPMLP(config, **kw)
 
@@ -213,11 +216,13 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPEncoder(nnx.Module):
+    """The layer stack; ``causal=False`` for the image tower (``retom_jax.eval``)."""
+
     def __init__(self, config: TextEncoderConfig, *, attention="auto", dtype, param_dtype,
-                 rngs):
+                 rngs, causal: bool = True):
         self.layers = nnx.List([
             CLIPEncoderLayer(config, attention=attention, dtype=dtype, param_dtype=param_dtype,
-                             rngs=rngs)
+                             rngs=rngs, causal=causal)
             for _ in range(config.num_hidden_layers)
         ])
 
