@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{k}: benchmarks/{v}.py" for k, v in sorted(BENCH_SCRIPTS.items())))
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     b.set_defaults(handler=bench, subparser=b)
+
+    from .eval.run import add_eval_parser  # retom-jax eval (retom_jax/eval/run.py)
+    add_eval_parser(sub)
     return parser
 
 

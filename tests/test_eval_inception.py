@@ -27,7 +27,8 @@ def tiny_inception(tmp_path_factory):
 def test_features_match_torch_reference(tiny_inception):
     net, path, inception = tiny_inception
     # pytorch-fid's whole path: resize to 299x299, [-1, 1], network, pool features
-    images = np.random.default_rng(0).random((2, 64, 48, 3), dtype=np.float32)
+    # 2 images of 128x128: the demo's size, so the e2e eval test reuses this compile
+    images = np.random.default_rng(0).random((2, 128, 128, 3), dtype=np.float32)
     with torch.no_grad():
         want = to_numpy(net(torch.tensor(images).permute(0, 3, 1, 2)))
     got = inception(images)

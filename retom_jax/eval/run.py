@@ -1,0 +1,410 @@
+"""``retom-jax eval``: images from every merging method and ratio from the same seeds, then
+CLIP score, CMMD, FID, PSNR and SSIM against the time each image took.
+
+Layout of ``--out DIR``::
+
+    DIR/images/<run>/p0000-s0.png   one image per (prompt, seed); <run> is none, tome-0.5,
+                                    retom-0.3, todo ...
+    DIR/timings.json                seconds per image (compile excluded) of every image made
+    DIR/results.json                settings and one row per run
+    DIR/results.md                  the same rows as a markdown table
+    DIR/results.png                 each metric against seconds per image (needs matplotlib)
+
+Images already in ``DIR/images`` are not made again, so an interrupted run resumes where
+it stopped; the metrics are always recomputed from all images. The unmerged run ("none")
+is always made: PSNR and SSIM compare every other run with it image by image, and without
+``--reference`` FID and CMMD compare every other run with its images too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("none", "tome", "retom", "todo")
+METRIC_FIELDS = ("clip_score", "cmmd", "fid", "psnr", "ssim")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _methods(text):
+    items = [t.strip().lower() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in METHODS]
+    if not items or bad:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(METHODS)}, got {text!r}")
+    return tuple(dict.fromkeys(items))
+
+
+def _ratios(text):
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0.0 < v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated ratios in (0, 1) like 0.3,0.5, got {text!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def add_eval_parser(sub) -> argparse.ArgumentParser:
+    """Register ``retom-jax eval`` on the CLI's subparsers."""
+    from ..cli import DTYPES, _non_negative_int, _positive_int, _window
+
+    e = sub.add_parser(
+        "eval", help="measure what merging costs in image quality",
+        description="Generate images for every merging method and ratio from the same seeds "
+                    "and measure CLIP score, CMMD (--clip), FID (--inception), and PSNR/SSIM "
+                    "against the unmerged images, with the seconds per image. Resumable: "
+                    "images already in --out are kept. Nothing is ever downloaded.")
+    e.add_argument("--model", required=True, help="pipeline folder, cached repo id, or 'demo'")
+    e.add_argument("--prompts", default="builtin",
+                   help="a text file with one prompt per line, or 'builtin' (100 ImageNet "
+                        "class prompts; default)")
+    e.add_argument("--num-prompts", type=_positive_int, default=None,
+                   help="use only the first N prompts")
+    e.add_argument("--methods", type=_methods, default=("none", "tome", "retom"),
+                   help="comma-separated: none, tome, retom, todo (none,tome,retom); "
+                        "'none' is always made")
+    e.add_argument("--ratios", type=_ratios, default=(0.3, 0.5),
+                   help="merge ratios for tome and retom (0.3,0.5)")
+    e.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (50)")
+    e.add_argument("--seeds", type=_positive_int, default=1,
+                   help="images per prompt, seeds 0..N-1 (1)")
+    e.add_argument("--guidance", type=float, default=7.5, help="guidance scale (7.5)")
+    e.add_argument("--height", type=_positive_int, default=None)
+    e.add_argument("--width", type=_positive_int, default=None)
+    e.add_argument("--scheduler", default=None, help="scheduler name (default: the model's)")
+    e.add_argument("--dtype", choices=DTYPES, default="float32")
+    e.add_argument("--window", type=_window, default=(2, 2),
+                   help="retom window / tome cell (2x2)")
+    e.add_argument("--matching", choices=("local", "global"), default="local")
+    e.add_argument("--cache-step", type=_non_negative_int, default=None,
+                   help="retom: reuse the representatives chosen at this step")
+    e.add_argument("--max-downsample", type=_positive_int, default=None,
+                   help="merge at UNet levels downsampled at most this much (default: the "
+                        "first attention level)")
+    e.add_argument("--todo-factor", type=_positive_int, default=2)
+    e.add_argument("--clip", default=None,
+                   help="CLIP model for CLIP score and CMMD: a local transformers CLIPModel "
+                        "folder or a cached repo id (e.g. openai/clip-vit-large-patch14)")
+    e.add_argument("--inception", default=None,
+                   help="pytorch-fid's weight file pt_inception-2015-12-05-6726825d.pth (FID)")
+    e.add_argument("--reference", default=None,
+                   help="folder of reference images for FID and CMMD (default: the "
+                        "unmerged images)")
+    e.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="images per metric batch (16)")
+    e.add_argument("--out", required=True, help="output folder")
+    e.set_defaults(handler=run_eval, subparser=e)
+    return e
+
+
+# ----------------------------------------------------------------------------- runs
+
+def run_list(methods, ratios) -> list[tuple[str, float | None]]:
+    runs = [("none", None)]
+    for m in methods:
+        if m in ("tome", "retom"):
+            runs += [(m, r) for r in ratios]
+        elif m == "todo":
+            runs.append(("todo", None))
+    return runs
+
+
+def run_tag(method: str, ratio) -> str:
+    return method if ratio is None else f"{method}-{ratio:g}"
+
+
+def _merge_for(args, method, ratio, first_level):
+    from ..cli import make_merge
+
+    ns = argparse.Namespace(merge=method, ratio=ratio if ratio is not None else 0.5,
+                            window=args.window, matching=args.matching,
+                            cache_step=args.cache_step, window_schedule=(),
+                            todo_factor=args.todo_factor, max_downsample=args.max_downsample)
+    return make_merge(ns, first_level)
+
+
+class Progress:
+    """One line per image on stderr: count, run, elapsed time and the ETA."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.stream = stream or sys.stderr
+
+    def step(self, what: str):
+        self.done += 1
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        width = 24
+        filled = int(width * self.done / max(self.total, 1))
+        print(f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {what} "
+              f"elapsed {_clock(elapsed)} ETA {_clock(eta)}", file=self.stream, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _load_json(path: Path, default):
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return default
+
+
+def _write_json(path: Path, value):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def generate_images(pipe, args, prompts, runs, out: Path, log=print) -> dict:
+    """Make the missing images; returns ``{run tag: [seconds per image, ...]}``."""
+    first_level = min(pipe.unet.config.attention_downsamples(), default=1)
+    timings_path = out / "timings.json"
+    timings = _load_json(timings_path, {})
+    todo = []
+    for method, ratio in runs:
+        tag = run_tag(method, ratio)
+        folder = out / "images" / tag
+        for p in range(len(prompts)):
+            for seed in range(args.seeds):
+                path = folder / f"p{p:04d}-s{seed}.png"
+                if not path.is_file():
+                    todo.append((method, ratio, tag, p, seed, path))
+    total = len(runs) * len(prompts) * args.seeds
+    log(f"{total - len(todo)} of {total} images already in {out / 'images'}; "
+        f"{len(todo)} to make")
+    bar = Progress(len(todo)) if todo else None
+    merges = {}
+    for method, ratio, tag, p, seed, path in todo:
+        if tag not in merges:
+            merges[tag] = _merge_for(args, method, ratio, first_level)
+        result = pipe(prompts[p], num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, height=args.height, width=args.width,
+                      seed=seed, merge=merges[tag], output_type="pil")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.png")
+        result.images[0].save(tmp)
+        os.replace(tmp, path)
+        timings.setdefault(tag, {})[path.name] = result.run_seconds
+        _write_json(timings_path, timings)
+        bar.step(f"{tag} {path.stem}")
+    return timings
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def _read_images(paths) -> "np.ndarray":
+    import numpy as np
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+
+
+def _reference_paths(folder: str) -> list[Path]:
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"--reference {folder!r}: no such folder")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(paths) < 2:
+        raise ValueError(f"--reference {folder!r} holds {len(paths)} image(s); FID and "
+                         f"CMMD need at least 2")
+    return paths
+
+
+def _batched(fn, images, batch_size):
+    """``fn`` over fixed-size batches (the last one padded: one compiled shape)."""
+    import numpy as np
+
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        n = len(chunk)
+        if n < batch_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, 0)])
+        out.append(np.asarray(fn(chunk))[:n])
+    return np.concatenate(out)
+
+
+def measure(args, prompts, runs, out: Path, timings: dict, clip=None, inception=None,
+            log=print) -> list[dict]:
+    """One row per run with the metrics whose model is given."""
+    import numpy as np
+
+    from .clip_vision import clip_scores
+    from .metrics import cmmd_embeddings, fid, mmd, psnr, ssim
+
+    names = [f"p{p:04d}-s{s}.png" for p in range(len(prompts)) for s in range(args.seeds)]
+    per_image_prompts = [prompts[p] for p in range(len(prompts)) for _ in range(args.seeds)]
+    bs = args.batch_size
+    base = _read_images([out / "images" / "none" / n for n in names])
+    if args.reference:
+        ref_images = _read_images(_reference_paths(args.reference))
+    else:
+        ref_images = base
+    ref_cache = {}
+
+    def reference(kind, fn):
+        if kind not in ref_cache:
+            ref_cache[kind] = fn(ref_images)
+        return ref_cache[kind]
+
+    def inception_features(images):
+        return _batched(lambda b: inception(b.astype(np.float32) / 255.0), images, bs)
+
+    rows = []
+    for method, ratio in runs:
+        tag = run_tag(method, ratio)
+        images = base if tag == "none" else _read_images([out / "images" / tag / n for n in names])
+        row = {"method": method, "ratio": ratio, "run": tag, "images": len(images)}
+        compare = tag != "none" or args.reference is not None
+        if clip is not None:
+            if clip.text is not None and clip.tokenizer is not None:
+                scores = clip_scores(clip, list(images), per_image_prompts, bs)
+                row["clip_score"] = max(float(np.mean(scores)), 0.0)
+            if compare:
+                emb = cmmd_embeddings(clip, images, bs)
+                row["cmmd"] = float(mmd(emb, reference("cmmd", lambda x: cmmd_embeddings(clip, x, bs))))
+        if inception is not None and compare:
+            row["fid"] = fid(inception_features(images), reference("fid", inception_features))
+        if tag != "none":
+            a = base.astype(np.float32) / 255.0
+            b = images.astype(np.float32) / 255.0
+            row["psnr"] = float(np.mean(_batched(lambda x: psnr(x[:, 0], x[:, 1]),
+                                                 np.stack([a, b], 1), bs)))
+            row["ssim"] = float(np.mean(_batched(lambda x: ssim(x[:, 0], x[:, 1]),
+                                                 np.stack([a, b], 1), bs)))
+        seconds = list(timings.get(tag, {}).values())
+        if seconds:
+            row["seconds_per_image"] = float(np.median(seconds))
+        rows.append(row)
+        log(f"measured {tag}: " + ", ".join(f"{k} {row[k]:.4g}" for k in METRIC_FIELDS
+                                            if k in row))
+    return rows
+
+
+# ----------------------------------------------------------------------------- reports
+
+def markdown_table(rows: list[dict]) -> str:
+    fields = [f for f in METRIC_FIELDS + ("seconds_per_image",) if any(f in r for r in rows)]
+    head = ["method", "ratio"] + fields
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], "-" if r["ratio"] is None else f"{r['ratio']:g}"]
+        cells += [f"{r[f]:.4g}" if f in r else "-" for f in fields]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    """Each metric against seconds per image; False (and a message) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed, so no plot was drawn (pip install matplotlib, "
+              "or pip install 'retom-jax[bench]'); results.json and results.md are written")
+        return False
+    fields = [f for f in METRIC_FIELDS if any(f in r and "seconds_per_image" in r for r in rows)]
+    if not fields:
+        return False
+    fig, axes = plt.subplots(1, len(fields), figsize=(4 * len(fields), 3.5), squeeze=False)
+    for ax, field in zip(axes[0], fields):
+        for r in rows:
+            if field in r and "seconds_per_image" in r:
+                ax.scatter(r["seconds_per_image"], r[field])
+                ax.annotate(r["run"], (r["seconds_per_image"], r[field]), fontsize=8,
+                            textcoords="offset points", xytext=(3, 3))
+        ax.set_xlabel("seconds per image")
+        ax.set_ylabel(field)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- command
+
+def run_eval(args, parser) -> int:
+    import jax.numpy as jnp
+
+    from ..weights import CheckpointError
+    from .clip_vision import load_clip
+    from .inception import InceptionError, load_inception
+    from .prompts import read_prompts
+
+    try:
+        prompts = read_prompts(args.prompts)
+        if args.num_prompts:
+            prompts = prompts[:args.num_prompts]
+        runs = run_list(args.methods, args.ratios)
+        for method, ratio in runs:  # bad merge options fail here, before any model
+            _merge_for(args, method, ratio, 1)
+        n_images = len(prompts) * args.seeds
+        if (args.inception or args.clip) and n_images < 2 and not args.reference:
+            raise ValueError(f"FID and CMMD need at least 2 images per run; {len(prompts)} "
+                             f"prompt(s) x {args.seeds} seed(s) make {n_images}")
+        if args.reference:
+            _reference_paths(args.reference)
+    except ValueError as e:
+        parser.error(str(e))
+    # The metric models load first, so that a missing file fails before hours of sampling.
+    clip = inception = None
+    try:
+        if args.clip:
+            clip = load_clip(args.clip)
+            print(f"CLIP: {clip.vision}" + ("" if clip.text is not None else
+                                             " (image tower only: no CLIP score)"))
+        if args.inception:
+            inception = load_inception(args.inception)
+            print(f"FID: {inception}")
+        if args.model == "demo":
+            from ..demo import DEMO_NOTICE, build_demo_pipeline
+
+            print(DEMO_NOTICE)
+            pipe = build_demo_pipeline(jnp.dtype(args.dtype), scheduler=args.scheduler)
+        else:
+            from ..pipeline import load_pipeline
+
+            pipe = load_pipeline(args.model, jnp.dtype(args.dtype), scheduler=args.scheduler)
+    except (CheckpointError, InceptionError) as e:
+        parser.error(str(e))
+    except ValueError as e:
+        parser.error(str(e))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        timings = generate_images(pipe, args, prompts, runs, out)
+    except ValueError as e:
+        parser.error(str(e))
+    rows = measure(args, prompts, runs, out, timings, clip, inception)
+    settings = {k: getattr(args, k) for k in (
+        "model", "prompts", "num_prompts", "steps", "seeds", "guidance", "height", "width",
+        "scheduler", "dtype", "window", "matching", "cache_step", "max_downsample",
+        "todo_factor", "clip", "inception", "reference")}
+    settings.update(num_prompts=len(prompts), methods=list(args.methods),
+                    ratios=list(args.ratios),
+                    reference=args.reference or "the unmerged ('none') images")
+    _write_json(out / "results.json", {"settings": settings, "rows": rows})
+    (out / "results.md").write_text(markdown_table(rows))
+    print(markdown_table(rows), end="")
+    drawn = plot(rows, out / "results.png")
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}"
+          + (f", {out / 'results.png'}" if drawn else ""))
+    if args.model == "demo":
+        print("note: the demo model has random weights: its numbers only show the mechanics.")
+    return 0
