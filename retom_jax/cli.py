@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="retom-jax.png",
                    help="output image file; with several images, -0, -1 ... are appended")
     g.add_argument("--progress", action="store_true", help="show a progress bar")
+    from .eval.mergemap import add_merge_map_arguments  # --merge-map (retom_jax/eval/mergemap.py)
+    add_merge_map_arguments(g)
     g.set_defaults(handler=generate, subparser=g)
 
     b = sub.add_parser(
@@ -174,6 +176,8 @@ def generate(args, parser) -> int:
         make_merge(args, 1)  # bad merge options fail here, before any model is built
     except ValueError as e:
         parser.error(str(e))
+    from .eval.mergemap import check_merge_map_args, save_merge_map_from_args
+    check_merge_map_args(args, parser)
     t0 = time.perf_counter()
     try:
         if args.model == "demo":
@@ -200,6 +204,8 @@ def generate(args, parser) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         print(f"saved {path} ({image.width}x{image.height})")
+    if args.merge_map:  # generates the first image again through a probe (eval/mergemap.py)
+        save_merge_map_from_args(args, parser, pipe, merge)
     n = len(out.images)
     merge_text = "no merging" if merge is None else repr(merge)
     print(f"compile time: {out.compile_seconds:.2f} s")

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from retom_jax.demo import _WORDS, bpe_vocab
+from retom_jax.demo import build_demo_pipeline as _build_demo  # before any patching
 
 CLIP_IMAGE = 30
 
@@ -211,3 +212,20 @@ def random_inception(div=8, seed=0):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
     return net
+
+
+# ----------------------------------------------------------------------------- demo
+
+_DEMO = {}
+
+
+def shared_demo_pipeline(dtype=None, seed=0, scheduler=None, attention="auto"):
+    """``build_demo_pipeline`` with one instance per set of arguments, so that the CLI
+    runs of these tests share its compiled programs (patched in by the test modules)."""
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(dtype or jnp.float32)
+    key = (dtype.name, seed, scheduler, attention)
+    if key not in _DEMO:
+        _DEMO[key] = _build_demo(dtype, seed, scheduler, attention)
+    return _DEMO[key]

@@ -10,7 +10,12 @@ import torch
 from retom_jax.cli import build_parser, main
 from retom_jax.eval.prompts import builtin_prompts, read_prompts
 from retom_jax.eval.run import generate_images, markdown_table, measure, run_list
-from tests.eval_tiny import random_inception, save_tiny_clip
+from tests.eval_tiny import random_inception, save_tiny_clip, shared_demo_pipeline
+
+
+@pytest.fixture(autouse=True)
+def shared_demo(monkeypatch):  # CLI runs share one demo pipeline and its compiled programs
+    monkeypatch.setattr("retom_jax.demo.build_demo_pipeline", shared_demo_pipeline)
 
 
 @pytest.fixture(scope="module")
