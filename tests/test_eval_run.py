@@ -78,6 +78,25 @@ def test_eval_end_to_end_and_resume(models, tmp_path, capsys):
     assert set(bare[1]) == {"method", "ratio", "run", "images", "psnr", "ssim"}
     assert bare[1]["ssim"] == pytest.approx(merged["ssim"], rel=1e-6)
 
+    # real reference images of other sizes are fitted to the generated size; the
+    # unmerged run is then measured against them too
+    from PIL import Image
+
+    from retom_jax.eval.clip_vision import load_clip
+    from retom_jax.eval.inception import load_inception
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(100, 150), (200, 90), (128, 128)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(ref / f"{i}.jpg")
+    args.reference = str(ref)
+    rows = measure(args, read_prompts(str(prompts)), run_list(("none", "retom"), (0.5,)), out,
+                   {}, clip=load_clip(clip), inception=load_inception(inception),
+                   log=lambda *_: None)
+    for row in rows:
+        assert np.isfinite(row["fid"]) and np.isfinite(row["cmmd"]), row
+    assert rows[1]["clip_score"] == pytest.approx(merged["clip_score"], rel=1e-6)
+
 
 class FakePipe:
     """Stands in for a pipeline: records the calls, returns a tiny image at once."""

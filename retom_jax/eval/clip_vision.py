@@ -318,7 +318,7 @@ def _clip_folder(path_or_repo_id) -> Path:
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path} has no config.json: not a CLIP model folder")
         return path
-    if path.suffix or str(path_or_repo_id).count("/") != 1:
+    if str(path_or_repo_id).count("/") != 1 or str(path_or_repo_id).startswith((".", "/", "~")):
         raise CheckpointError(
             f"CLIP model {path_or_repo_id!r} not found: pass a local folder of a transformers "
             f"CLIPModel (config.json, model.safetensors, tokenizer files) or a repo id in the "

@@ -93,13 +93,12 @@ def _cmmd_embed(graphdef, params, images, size, mean, std):
 def cmmd_embeddings(clip, images, batch_size: int = 16) -> np.ndarray:
     """L2-normalised CLIP image embeddings as CMMD makes them, from ``[N, H, W, 3]``
     images (uint8, or floats in [0, 1]; a list of equal-size PIL images works too)."""
-    images = _float_images(images)
     v = clip.vision
     mean = jnp.asarray(v.processor.mean, jnp.float32)
     std = jnp.asarray(v.processor.std, jnp.float32)
     out = []
     for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
+        chunk = _float_images(images[i:i + batch_size])  # converted one batch at a time
         n = len(chunk)
         if n < batch_size:  # one compiled shape
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, 0)])

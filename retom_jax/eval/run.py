@@ -206,11 +206,24 @@ def generate_images(pipe, args, prompts, runs, out: Path, log=print) -> dict:
 
 # ----------------------------------------------------------------------------- metrics
 
-def _read_images(paths) -> "np.ndarray":
+def _read_images(paths, size=None) -> "np.ndarray":
+    """uint8 ``[N, H, W, 3]``; with ``size`` ``(h, w)``, an image of another size is
+    resized (shortest side, bicubic) and centre-cropped to it first."""
     import numpy as np
     from PIL import Image
 
-    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    out = []
+    for p in paths:
+        im = Image.open(p).convert("RGB")
+        if size is not None and im.size != (size[1], size[0]):
+            h, w = size
+            scale = max(h / im.height, w / im.width)
+            rw, rh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
+            im = im.resize((rw, rh), Image.BICUBIC)
+            left, top = (rw - w) // 2, (rh - h) // 2
+            im = im.crop((left, top, left + w, top + h))
+        out.append(np.asarray(im))
+    return np.stack(out)
 
 
 def _reference_paths(folder: str) -> list[Path]:
@@ -224,23 +237,21 @@ def _reference_paths(folder: str) -> list[Path]:
     return paths
 
 
-def _batched(fn, images, batch_size):
-    """``fn`` over fixed-size batches (the last one padded: one compiled shape)."""
+def _padded(fn, batch, batch_size):
+    """``fn`` on a batch padded to ``batch_size`` rows (one compiled shape), unpadded."""
     import numpy as np
 
-    out = []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
-        n = len(chunk)
-        if n < batch_size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, 0)])
-        out.append(np.asarray(fn(chunk))[:n])
-    return np.concatenate(out)
+    n = len(batch)
+    if n < batch_size:
+        batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, 0)])
+    return np.asarray(fn(batch))[:n]
 
 
 def measure(args, prompts, runs, out: Path, timings: dict, clip=None, inception=None,
             log=print) -> list[dict]:
-    """One row per run with the metrics whose model is given."""
+    """One row per run with the metrics whose model is given. Images are read from disk
+    one batch at a time (every metric of a batch in one pass), so memory does not grow
+    with the number of images."""
     import numpy as np
 
     from .clip_vision import clip_scores
@@ -249,43 +260,51 @@ def measure(args, prompts, runs, out: Path, timings: dict, clip=None, inception=
     names = [f"p{p:04d}-s{s}.png" for p in range(len(prompts)) for s in range(args.seeds)]
     per_image_prompts = [prompts[p] for p in range(len(prompts)) for _ in range(args.seeds)]
     bs = args.batch_size
-    base = _read_images([out / "images" / "none" / n for n in names])
-    if args.reference:
-        ref_images = _read_images(_reference_paths(args.reference))
-    else:
-        ref_images = base
-    ref_cache = {}
+    base_paths = [out / "images" / "none" / n for n in names]
+    size = _read_images(base_paths[:1]).shape[1:3]
+    with_text = clip is not None and clip.text is not None and clip.tokenizer is not None
 
-    def reference(kind, fn):
-        if kind not in ref_cache:
-            ref_cache[kind] = fn(ref_images)
-        return ref_cache[kind]
+    def features(paths, fit=False, want_text=False, against=None):
+        """Per-image CLIP scores, CMMD embeddings, Inception features, PSNR and SSIM."""
+        acc = {k: [] for k in ("clip", "cmmd", "fid", "psnr", "ssim")}
+        for i in range(0, len(paths), bs):
+            batch = _read_images(paths[i:i + bs], size if fit else None)
+            if want_text:
+                acc["clip"].append(clip_scores(clip, list(batch), per_image_prompts[i:i + bs], bs))
+            if clip is not None:
+                acc["cmmd"].append(cmmd_embeddings(clip, batch, bs))
+            if inception is not None:
+                acc["fid"].append(_padded(lambda b: inception(b.astype(np.float32) / 255.0),
+                                          batch, bs))
+            if against is not None:
+                pair = np.stack([_read_images(against[i:i + bs]), batch], 1)
+                pair = pair.astype(np.float32) / 255.0
+                acc["psnr"].append(_padded(lambda x: psnr(x[:, 0], x[:, 1]), pair, bs))
+                acc["ssim"].append(_padded(lambda x: ssim(x[:, 0], x[:, 1]), pair, bs))
+        return {k: np.concatenate(v) for k, v in acc.items() if v}
 
-    def inception_features(images):
-        return _batched(lambda b: inception(b.astype(np.float32) / 255.0), images, bs)
-
+    reference = None
+    if args.reference and (clip is not None or inception is not None):
+        reference = features(_reference_paths(args.reference), fit=True)
     rows = []
     for method, ratio in runs:
         tag = run_tag(method, ratio)
-        images = base if tag == "none" else _read_images([out / "images" / tag / n for n in names])
-        row = {"method": method, "ratio": ratio, "run": tag, "images": len(images)}
+        paths = [out / "images" / tag / n for n in names]
+        got = features(paths, want_text=with_text,
+                       against=None if tag == "none" else base_paths)
+        if tag == "none" and reference is None:
+            reference = got  # without --reference, the unmerged images are the reference
+        row = {"method": method, "ratio": ratio, "run": tag, "images": len(paths)}
         compare = tag != "none" or args.reference is not None
-        if clip is not None:
-            if clip.text is not None and clip.tokenizer is not None:
-                scores = clip_scores(clip, list(images), per_image_prompts, bs)
-                row["clip_score"] = max(float(np.mean(scores)), 0.0)
-            if compare:
-                emb = cmmd_embeddings(clip, images, bs)
-                row["cmmd"] = float(mmd(emb, reference("cmmd", lambda x: cmmd_embeddings(clip, x, bs))))
-        if inception is not None and compare:
-            row["fid"] = fid(inception_features(images), reference("fid", inception_features))
-        if tag != "none":
-            a = base.astype(np.float32) / 255.0
-            b = images.astype(np.float32) / 255.0
-            row["psnr"] = float(np.mean(_batched(lambda x: psnr(x[:, 0], x[:, 1]),
-                                                 np.stack([a, b], 1), bs)))
-            row["ssim"] = float(np.mean(_batched(lambda x: ssim(x[:, 0], x[:, 1]),
-                                                 np.stack([a, b], 1), bs)))
+        if "clip" in got:
+            row["clip_score"] = max(float(np.mean(got["clip"])), 0.0)
+        if "cmmd" in got and compare:
+            row["cmmd"] = float(mmd(got["cmmd"], reference["cmmd"]))
+        if "fid" in got and compare:
+            row["fid"] = fid(got["fid"], reference["fid"])
+        if "psnr" in got:
+            row["psnr"] = float(np.mean(got["psnr"]))
+            row["ssim"] = float(np.mean(got["ssim"]))
         seconds = list(timings.get(tag, {}).values())
         if seconds:
             row["seconds_per_image"] = float(np.median(seconds))
