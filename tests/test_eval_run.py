@@ -136,6 +136,18 @@ def test_generation_resumes_where_it_stopped(tmp_path):
         (prompts[0], 1, "NoneType"), (prompts[1], 0, "ToMe")]
     assert json.loads((tmp_path / "timings.json").read_text()) == timings
     assert not list(tmp_path.rglob("*.tmp*"))
+    # more prompts or seeds extend the run; other settings are refused, nothing is made
+    more = builtin_prompts()[:3]
+    generate_images(pipe, args, more, runs[:1], tmp_path, log=lambda *_: None)
+    assert json.loads((tmp_path / "generation.json").read_text())["prompts"] == more
+    pipe.calls.clear()
+    args.steps = 20
+    with pytest.raises(ValueError, match="other settings \\(steps 50 -> 20\\)"):
+        generate_images(pipe, args, prompts, runs, tmp_path, log=lambda *_: None)
+    args.steps = 50
+    with pytest.raises(ValueError, match="a different prompt list"):
+        generate_images(pipe, args, ["another prompt"], runs, tmp_path, log=lambda *_: None)
+    assert pipe.calls == []
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -169,3 +181,15 @@ def test_prompt_sets(tmp_path):
     assert run_list(("retom", "todo", "tome"), (0.3, 0.5)) == [
         ("none", None), ("retom", 0.3), ("retom", 0.5), ("todo", None), ("tome", 0.3),
         ("tome", 0.5)]
+
+
+def test_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from retom_jax.eval.run import plot
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    row = {"run": "tome-0.5", "method": "tome", "ratio": 0.5, "psnr": 30.0,
+           "seconds_per_image": 1.0}
+    assert plot([row], tmp_path / "results.png") is False
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "results.png").exists()

@@ -6,6 +6,8 @@ Layout of ``--out DIR``::
     DIR/images/<run>/p0000-s0.png   one image per (prompt, seed); <run> is none, tome-0.5,
                                     retom-0.3, todo ...
     DIR/timings.json                seconds per image (compile excluded) of every image made
+    DIR/generation.json             the settings the images are made with (a resumed run
+                                    with other settings is an error, never a silent mix)
     DIR/results.json                settings and one row per run
     DIR/results.md                  the same rows as a markdown table
     DIR/results.png                 each metric against seconds per image (needs matplotlib)
@@ -169,8 +171,35 @@ def _write_json(path: Path, value):
     os.replace(tmp, path)
 
 
+_GENERATION_KEYS = ("model", "steps", "guidance", "height", "width", "scheduler", "dtype",
+                    "window", "matching", "cache_step", "max_downsample", "todo_factor")
+
+
+def check_generation(args, prompts, out: Path) -> dict:
+    """The settings the images in ``out`` are made with; ValueError when ``out`` already
+    holds images made with other settings (resuming would mix them silently). More
+    prompts (a longer list with the same start) or more seeds are fine."""
+    settings = json.loads(json.dumps({k: getattr(args, k) for k in _GENERATION_KEYS}))
+    settings["prompts"] = list(prompts)
+    old = _load_json(out / "generation.json", None)
+    if old is None:
+        return settings
+    changed = [k for k in _GENERATION_KEYS if old.get(k) != settings[k]]
+    short, long = sorted((old.get("prompts", []), settings["prompts"]), key=len)
+    if long[:len(short)] != short:
+        changed.append("prompts")
+    if changed:
+        diff = ", ".join(f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in changed
+                         if k != "prompts") or "a different prompt list"
+        raise ValueError(f"{out} holds images made with other settings ({diff}): use another "
+                         f"--out, or remove {out / 'images'} to start again")
+    settings["prompts"] = long
+    return settings
+
+
 def generate_images(pipe, args, prompts, runs, out: Path, log=print) -> dict:
     """Make the missing images; returns ``{run tag: [seconds per image, ...]}``."""
+    _write_json(out / "generation.json", check_generation(args, prompts, out))
     first_level = min(pipe.unet.config.attention_downsamples(), default=1)
     timings_path = out / "timings.json"
     timings = _load_json(timings_path, {})
@@ -379,6 +408,7 @@ def run_eval(args, parser) -> int:
                              f"prompt(s) x {args.seeds} seed(s) make {n_images}")
         if args.reference:
             _reference_paths(args.reference)
+        check_generation(args, prompts, Path(args.out))
     except ValueError as e:
         parser.error(str(e))
     # The metric models load first, so that a missing file fails before hours of sampling.
