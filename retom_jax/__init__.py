@@ -6,6 +6,7 @@ without torch; every model is an NNX module with a pure ``apply`` underneath.
 from .attention import dot_product_attention
 from .clip import (TextEncoder, TextEncoderConfig, TextEncoderOutput, load_text_encoder,
                    load_tokenizer, tokenize)
+from .lora import LoraError, read_lora
 from .merge import ReToM, ToDo, ToMe, loop_segments
 from .pipeline import (PipelineOutput, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        load_pipeline)

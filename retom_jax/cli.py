@@ -53,6 +53,80 @@ def _schedule_entry(text):
     return step, _window(window)
 
 
+def _pair(text):
+    """``HxW`` / ``TOPxLEFT`` (also ``H,W``) -> a tuple of two ints >= 0."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        a, b = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two integers like 1024x1024, got "
+                                         f"{text!r}") from None
+    if a < 0 or b < 0:
+        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
+    return a, b
+
+
+def _lora_spec(text):
+    """``FILE`` or ``FILE:SCALE``."""
+    from .lora import LoraError, parse_lora_spec
+
+    try:
+        return parse_lora_spec(text)
+    except LoraError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# The diffusers call options (features.py) and their flags; None: not given.
+FEATURE_FLAGS = {
+    "guidance_rescale": "--guidance-rescale", "eta": "--eta", "clip_skip": "--clip-skip",
+    "image": "--init-image", "strength": "--strength", "prompt_2": "--prompt-2",
+    "negative_prompt_2": "--negative-prompt-2", "original_size": "--original-size",
+    "crops_coords_top_left": "--crops-coords-top-left", "target_size": "--target-size",
+    "negative_original_size": "--negative-original-size",
+    "negative_crops_coords_top_left": "--negative-crops-coords-top-left",
+    "negative_target_size": "--negative-target-size",
+}
+
+
+def add_feature_arguments(g) -> None:
+    """img2img, LoRA, guidance rescale, clip skip, DDIM eta and SDXL's conditioning."""
+    f = g.add_argument_group("pipeline features (as diffusers names them)")
+    f.add_argument("--init-image", dest="image", metavar="FILE", default=None,
+                   help="image-to-image: start from this image (its size sets the output's)")
+    f.add_argument("--strength", type=float, default=None,
+                   help="image-to-image: how much of the schedule runs, in (0, 1] (0.8; SDXL "
+                        "0.3)")
+    f.add_argument("--lora", type=_lora_spec, action="append", default=[],
+                   metavar="FILE[:SCALE]",
+                   help="fuse a LoRA .safetensors file (diffusers/peft or kohya) into the "
+                        "weights, times SCALE (1); repeatable")
+    f.add_argument("--guidance-rescale", type=float, default=None,
+                   help="rescale the guided prediction's std towards the text one's, 0..1")
+    f.add_argument("--clip-skip", type=_non_negative_int, default=None,
+                   help="condition on the text encoder's output this many layers earlier")
+    f.add_argument("--eta", type=float, default=None, help="DDIM's stochasticity, 0..1")
+    f.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt")
+    f.add_argument("--negative-prompt-2", default=None,
+                   help="SDXL: the second text encoder's negative prompt")
+    for name in ("original-size", "target-size", "negative-original-size",
+                 "negative-target-size"):
+        f.add_argument(f"--{name}", type=_pair, default=None, metavar="HxW",
+                       help=f"SDXL: {name.replace('-', '_')} conditioning (height x width)")
+    for name in ("crops-coords-top-left", "negative-crops-coords-top-left"):
+        f.add_argument(f"--{name}", type=_pair, default=None, metavar="TOPxLEFT",
+                       help=f"SDXL: {name.replace('-', '_')} conditioning")
+
+
+def feature_options(args) -> dict:
+    """The pipeline keyword options the flags ask for (the ones given only)."""
+    out = {}
+    for name in FEATURE_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            out[name] = value
+    return out
+
+
 BENCH_SCRIPTS = {"unet": "unet_speed", "merge": "merge_overhead", "pipeline": "pipeline_speed",
                  "torch": "torch_unet_speed", "report": "report", "plot": "plot"}
 
@@ -121,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--progress", action="store_true", help="show a progress bar")
     from .eval.mergemap import add_merge_map_arguments  # --merge-map (retom_jax/eval/mergemap.py)
     add_merge_map_arguments(g)
+    add_feature_arguments(g)
     g.set_defaults(handler=generate, subparser=g)
 
     b = sub.add_parser(
@@ -191,13 +266,20 @@ def generate(args, parser) -> int:
             pipe = load_pipeline(args.model, jnp.dtype(args.dtype), scheduler=args.scheduler)
     except (CheckpointError, ValueError) as e:
         parser.error(f"--model {args.model}: {e}" if isinstance(e, CheckpointError) else str(e))
-    print(f"loaded {type(pipe).__name__} in {time.perf_counter() - t0:.2f} s")
+    for file, scale in args.lora:
+        try:
+            pipe.load_lora(file, scale)
+        except ValueError as e:
+            parser.error(f"--lora {file}: {e}")
+    print(f"loaded {type(pipe).__name__} in {time.perf_counter() - t0:.2f} s"
+          + (f" with {len(args.lora)} LoRA file(s)" if args.lora else ""))
     try:
         merge = make_merge(args, min(pipe.unet.config.attention_downsamples(), default=1))
         out = pipe(args.prompt, negative_prompt=args.negative_prompt,
                    num_inference_steps=args.steps, guidance_scale=args.guidance,
                    height=args.height, width=args.width, num_images_per_prompt=args.num_images,
-                   seed=args.seed, merge=merge, progress=args.progress, output_type="pil")
+                   seed=args.seed, merge=merge, progress=args.progress, output_type="pil",
+                   **feature_options(args))
     except ValueError as e:
         parser.error(str(e))
     for image, path in zip(out.images, paths):

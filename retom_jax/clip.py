@@ -362,6 +362,11 @@ class TextEncoder:
     def apply(self, params, input_ids) -> TextEncoderOutput:
         return _forward(self.graphdef, self.config, params, input_ids)
 
+    def apply_final_layer_norm(self, params, hidden):
+        """The encoder's final LayerNorm on ``hidden`` (a ``hidden_states`` entry): what
+        ``clip_skip`` conditions on in diffusers' Stable Diffusion pipeline."""
+        return nnx.merge(self.graphdef, params).text_model.final_layer_norm(hidden)
+
     def __call__(self, input_ids) -> TextEncoderOutput:
         if not isinstance(input_ids, jax.core.Tracer):
             input_ids = np.asarray(input_ids)

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import weights
+from . import features, weights
 from .clip import load_text_encoder, load_tokenizer, tokenize
 from .merge import loop_segments
 from .schedulers import from_config as scheduler_from_config
@@ -80,6 +80,7 @@ class SampleConfig:
     guidance: bool
     merge: Any = None
     decode: bool = True
+    start: int | None = None  # img2img: the schedule index the loop starts at (None: txt2img)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,7 @@ class EncodeConfig:
     guidance: bool
     num_images_per_prompt: int
     zero_negative: bool = False
+    clip_skip: int | None = None
 
 
 @dataclasses.dataclass
@@ -198,6 +200,7 @@ class _Pipeline:
             "encode": jax.jit(self._encode, static_argnums=0),
             "start": jax.jit(self._start, static_argnums=0),
             "noise": jax.jit(self._noise, static_argnums=0),
+            "img2img": jax.jit(self._img2img_latents, static_argnums=0),
         }
         self._compile_clock = 0.0
 
@@ -235,6 +238,17 @@ class _Pipeline:
         new._reset_compiled()
         return new
 
+    def load_lora(self, file, scale: float = 1.0) -> "_Pipeline":
+        """Fuse a LoRA ``.safetensors`` file (diffusers/peft or kohya layout; UNet and text
+        encoders) times ``scale`` into this pipeline's weights (``lora.py``). Steps cost
+        what they cost before and nothing recompiles: the weights are the programs'
+        arguments. Returns the pipeline."""
+        from .lora import load_lora_into
+
+        load_lora_into(self, file, scale)
+        self.loras = getattr(self, "loras", []) + [(os.fspath(file), float(scale))]
+        return self
+
     # -- compilation cache
 
     def _executable(self, name, static, *args):
@@ -264,31 +278,93 @@ class _Pipeline:
     def _encode_params(self):  # pragma: no cover
         raise NotImplementedError
 
-    def _added_cond(self, height, width, rows):
+    def _added_cond(self, height, width, rows, options=None, guidance=False):
         return {}
 
     def _zero_negative(self, negative_prompt) -> bool:
         return False
 
     def encode_prompt(self, prompt, negative_prompt=None, num_images_per_prompt=1,
-                      guidance_scale=7.5, height=None, width=None) -> dict:
+                      guidance_scale=7.5, height=None, width=None, **options) -> dict:
         """The UNet conditioning as a dict of arrays: ``encoder_hidden_states``
         ``[rows, tokens, dim]`` (rows ``2 * batch`` with guidance, negatives first) and,
-        for SDXL, ``text_embeds`` and ``time_ids``."""
+        for SDXL, ``text_embeds`` and ``time_ids``. ``options``: ``clip_skip`` and, for
+        SDXL, ``prompt_2``, ``negative_prompt_2`` and the size conditioning."""
         prompts, negatives, guidance = self._check_prompts(prompt, negative_prompt,
                                                            guidance_scale)
         n = self._check_count(num_images_per_prompt)
         height, width = self._check_size(height, width, None)
-        return self._conditioning(prompts, negatives, negative_prompt, guidance, n, height, width)
+        options = self._check_options(options, prompts, negative_prompt, guidance)
+        if options["image"] is not None or options["guidance_rescale"] or options["eta"]:
+            raise ValueError("encode_prompt takes the text options only (clip_skip, and "
+                             "for SDXL prompt_2, negative_prompt_2 and the sizes)")
+        return self._conditioning(prompts, negatives, negative_prompt, guidance, n, height,
+                                  width, options)
 
-    def _conditioning(self, prompts, negatives, negative_prompt, guidance, n, height, width):
+    def _conditioning(self, prompts, negatives, negative_prompt, guidance, n, height, width,
+                      options=None):
+        options = options or {}
         zero = guidance and self._zero_negative(negative_prompt)
-        ids = self._tokenize(prompts, negatives, guidance, zero)
-        static = EncodeConfig(guidance, n, zero)
+        ids = self._tokenize(prompts, negatives, guidance, zero, options)
+        static = EncodeConfig(guidance, n, zero, options.get("clip_skip"))
         cond = dict(self._run("encode", static, self._encode_params(), ids))
         rows = cond["encoder_hidden_states"].shape[0]
-        cond.update(self._added_cond(height, width, rows))
+        cond.update(self._added_cond(height, width, rows, options, guidance))
         return cond
+
+    # -- the diffusers call options (features.py)
+
+    _default_strength = 0.8  # diffusers' StableDiffusionImg2ImgPipeline default
+
+    def _option_names(self):
+        return features.COMMON_OPTIONS
+
+    def _clip_skip_limit(self) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def _check_options(self, options, prompts, negative_prompt, guidance) -> dict:
+        """The keyword options beyond text-to-image's (``features.py``) checked, with
+        their defaults filled in."""
+        allowed = self._option_names()
+        for name in options:
+            if name not in allowed:
+                if name in features.SDXL_OPTIONS:
+                    raise ValueError(f"{name} is an SDXL option (StableDiffusionXLPipeline); "
+                                     f"this is a {type(self).__name__}")
+                raise TypeError(f"{type(self).__name__} got an unexpected argument {name!r}")
+        out = {name: None for name in allowed}
+        out.update(options)
+        rescale = features.check_fraction("guidance_rescale", out["guidance_rescale"] or 0.0)
+        if rescale and not guidance:
+            raise ValueError("guidance_rescale has no effect without classifier-free guidance "
+                             "(guidance_scale <= 1): raise guidance_scale or drop it")
+        out["guidance_rescale"] = rescale
+        out["eta"] = features.check_fraction("eta", out["eta"] or 0.0)
+        if out["eta"] and not self._scheduler_has_eta():
+            raise ValueError(f"eta={out['eta']} is DDIM's option: the "
+                             f"{type(self.scheduler).__name__} scheduler has no eta (use "
+                             f"scheduler='ddim')")
+        out["clip_skip"] = features.check_clip_skip(out["clip_skip"], self._clip_skip_limit())
+        if out["image"] is None:
+            if out["strength"] is not None:
+                raise ValueError("strength is the image-to-image option: pass image= too")
+        else:
+            strength = self._default_strength if out["strength"] is None else out["strength"]
+            out["strength"] = features.check_fraction("strength", strength, low_open=True)
+            out["image"] = features.prepare_image(out["image"], self.vae_scale_factor)
+            n_img = out["image"].shape[0]
+            if n_img not in (1, len(prompts)):
+                raise ValueError(f"{n_img} images for {len(prompts)} prompts: give one image "
+                                 f"or one per prompt")
+        return out
+
+    def _scheduler_has_eta(self) -> bool:
+        import inspect
+
+        try:
+            return "eta" in inspect.signature(self.scheduler.step).parameters
+        except (TypeError, ValueError):
+            return False
 
     # -- validation
 
@@ -396,15 +472,18 @@ class _Pipeline:
             return carry
         return carry[:2] + (self._init_merge_state(static, merge, cond, carry[2]["step"]),)
 
-    def _body(self, static: SampleConfig, params, cond, i, carry, key, guidance_scale,
+    def _body(self, static: SampleConfig, params, cond, i, carry, key, g,
               merge=None, reuse=None):
         """One denoising step: UNet on ``[uncond, cond]``, guidance, scheduler update.
+        ``i`` counts the steps of this call (img2img starts at schedule index
+        ``static.start``). ``g``: the guidance scale and rescale and DDIM's eta.
         ``merge``: the config of this step (``static.merge`` resolved at the step, see
         ``merge.loop_segments``). ``reuse``: see ``UNet.apply`` (None: ReToM's step counter
         decides at run time)."""
         x, state, merge_state = carry
         sched = static.scheduler
-        k_sched, k_merge = jax.random.split(jax.random.fold_in(key, i))
+        i = i + (static.start or 0)  # the index into the scheduler's timesteps
+        k_sched, k_merge = features.step_keys(key, i)
         x_in = jnp.concatenate([x, x], axis=0) if static.guidance else x
         x_in = sched.scale_model_input(state, x_in, i)
         t = state.timesteps[i]
@@ -418,8 +497,10 @@ class _Pipeline:
         pred = pred.astype(_F32)
         if static.guidance:
             uncond, text = jnp.split(pred, 2, axis=0)
-            pred = uncond + guidance_scale * (text - uncond)
-        x, state = sched.step(state, pred, i, x, key=k_sched)
+            pred = uncond + g["guidance_scale"] * (text - uncond)
+            pred = features.rescale_noise_cfg(pred, text, g["guidance_rescale"])
+        step_kw = {"eta": g["eta"]} if self._scheduler_has_eta() else {}
+        x, state = sched.step(state, pred, i, x, key=k_sched, **step_kw)
         return x.astype(_F32), state, merge_state
 
     def _decode(self, params, x):
@@ -442,17 +523,39 @@ class _Pipeline:
         k_noise, k_loop = jax.random.split(key)
         return jax.random.normal(k_noise, shape, _F32), k_loop
 
+    def _img2img_latents(self, static, vae_params, images, state, key):
+        """``(latents, loop key)`` of image-to-image: ``images`` (NCHW in [-1, 1]) encoded,
+        a sample of the posterior scaled as the decoder expects, gathered to the batch
+        rows ``static[2]``, then noised to the timestep at schedule index ``static[1]``
+        with the scheduler's ``add_noise``."""
+        sched, start, rows = static
+        k_post, k_noise, k_loop = features.img2img_keys(key)
+        z = self.vae.apply_encode(vae_params, images).sample(k_post).astype(_F32)
+        c = self.vae.config
+        if self._uses_latent_stats and c.latents_mean is not None and c.latents_std is not None:
+            mean = jnp.asarray(c.latents_mean, _F32).reshape(1, -1, 1, 1)
+            std = jnp.asarray(c.latents_std, _F32).reshape(1, -1, 1, 1)
+            z = (z - mean) * c.scaling_factor / std
+        else:
+            z = z * c.scaling_factor
+        z = z[jnp.asarray(rows)]
+        noise = jax.random.normal(k_noise, z.shape, _F32)
+        return sched.add_noise(state, z, noise, state.timesteps[start]).astype(_F32), k_loop
+
     def _start(self, static: SampleConfig, cond, latents, state):
         """Initial carry ``(latents, scheduler state, merge state)``: the latents scaled by
-        the scheduler's init_noise_sigma, and ReToM's empty cache when it carries one."""
-        x = latents.astype(_F32) * static.scheduler.init_noise_sigma(state)
+        the scheduler's init_noise_sigma (image-to-image's noised latents as they are),
+        and ReToM's empty cache when it carries one."""
+        x = latents.astype(_F32)
+        if static.start is None:
+            x = x * static.scheduler.init_noise_sigma(state)
         return x, state, self._init_merge_state(static, _merge_at(static.merge, 0), cond)
 
     def _sample(self, static: SampleConfig, params, cond, latents, state, key, guidance_scale):
         """The whole sampling loop and the decoder, as one traced function."""
         self.trace_count += 1
         carry = self._start(static, cond, latents, state)
-        n = state.timesteps.shape[0]
+        n = state.timesteps.shape[0] - (static.start or 0)
         # One fori_loop per static piece (merge.loop_segments): a ReToM window schedule
         # changes shapes, and with ReToM(cache_step=k) the steps after k reuse the cache.
         # Fixing reuse at trace time lets XLA drop the fresh selection from those steps
@@ -477,7 +580,7 @@ class _Pipeline:
                  width: int | None = None, num_images_per_prompt: int = 1,
                  seed: int | None = None, key=None, latents=None, output_type: str = "pil",
                  merge=None, progress: bool = False,
-                 callback: Callable | None = None) -> PipelineOutput:
+                 callback: Callable | None = None, **options) -> PipelineOutput:
         """Generate images.
 
         ``prompt``: a string or a list of strings (one image batch row each, times
@@ -490,12 +593,22 @@ class _Pipeline:
         ``merge``: ``ToMe(...)``, ``ReToM(...)``, ``ToDo(...)`` or None. ``progress``
         steps from Python with a progress bar; ``callback(i, latents, merge_state)`` is
         called after each step in that mode (and switches it on).
+
+        ``options`` (as diffusers names them; see ``features.py``): ``guidance_rescale``
+        (0..1), ``eta`` (DDIM, 0..1), ``clip_skip``, ``image`` + ``strength``
+        (image-to-image: a PIL image, a file path or an HWC/NHWC array, one or one per
+        prompt; ``strength`` in (0, 1], default 0.8, SDXL 0.3) and, for SDXL, ``prompt_2``,
+        ``negative_prompt_2``, ``original_size``, ``crops_coords_top_left``,
+        ``target_size`` and ``negative_original_size`` / ``negative_crops_coords_top_left``
+        / ``negative_target_size``. Guidance rescale and eta are arguments of the compiled
+        program (changing them never recompiles); image-to-image compiles one program per
+        number of steps it runs.
         """
         t_start = time.perf_counter()
         self._compile_clock = 0.0
         static, args = self._prepare(prompt, negative_prompt, num_inference_steps,
                                      guidance_scale, height, width, num_images_per_prompt,
-                                     seed, key, latents, output_type, merge, callback)
+                                     seed, key, latents, output_type, merge, callback, options)
         if progress or callback is not None:
             out = self._interactive(static, *args, progress, callback)
         else:
@@ -509,7 +622,7 @@ class _Pipeline:
     def compile(self, prompt="", negative_prompt=None, num_inference_steps: int = 50,
                 guidance_scale: float = 7.5, height: int | None = None,
                 width: int | None = None, num_images_per_prompt: int = 1,
-                output_type: str = "pil", merge=None) -> float:
+                output_type: str = "pil", merge=None, **options) -> float:
         """Compile the sampling program for these options without sampling; returns the
         seconds spent compiling (0.0 when it was compiled already). A later call with the
         same options (the same number of prompts, images per prompt, steps, size, whether
@@ -518,18 +631,21 @@ class _Pipeline:
         self._compile_clock = 0.0
         static, args = self._prepare(prompt, negative_prompt, num_inference_steps,
                                      guidance_scale, height, width, num_images_per_prompt,
-                                     None, None, None, output_type, merge, None)
+                                     None, None, None, output_type, merge, None, options)
         self._executable("sample", static, *args)
         return self._compile_clock
 
     def _prepare(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height,
                  width, num_images_per_prompt, seed, key, latents, output_type, merge,
-                 callback):
+                 callback, options=None):
         """Check every argument (nothing compiles before this passes), encode the prompts
-        and draw the noise: ``(static config, (params, cond, latents, state, key, g))``."""
+        and draw the noise: ``(static config, (params, cond, latents, state, key, g))``;
+        ``g`` holds the traced knobs (guidance scale and rescale, DDIM's eta)."""
         prompts, negatives, guidance = self._check_prompts(prompt, negative_prompt,
                                                            guidance_scale)
         n = self._check_count(num_images_per_prompt)
+        options = self._check_options(options or {}, prompts, negative_prompt, guidance)
+        image = options["image"]
         if not _is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got "
                              f"{num_inference_steps!r}")
@@ -544,6 +660,16 @@ class _Pipeline:
         if given is not None and len(given) != 4:
             raise ValueError(f"latents must be NCHW [images, {c}, height, width], got shape "
                              f"{list(given)}")
+        if image is not None:  # image-to-image: the image sets the size
+            if latents is not None:
+                raise ValueError("latents and image exclude each other: image-to-image "
+                                 "starts from the encoded image (the noise comes from seed "
+                                 "or key)")
+            img_h, img_w = image.shape[2:]
+            if (height not in (None, img_h)) or (width not in (None, img_w)):
+                raise ValueError(f"height and width ({height}x{width}) differ from the "
+                                 f"image's ({img_h}x{img_w}): resize the image instead")
+            height, width = img_h, img_w
         height, width = self._check_size(height, width, given)
         f = self.vae_scale_factor
         latent_hw = (height // f, width // f)
@@ -553,20 +679,31 @@ class _Pipeline:
         key = _as_key(seed, key)
         # The scheduler validates the step count (Python errors, nothing compiled yet).
         state = self.scheduler.set_timesteps(int(num_inference_steps), shape, _F32)
+        extra = {}
+        if image is not None:
+            extra["start"] = features.img2img_start(int(num_inference_steps),
+                                                    options["strength"])
         static = SampleConfig(self.scheduler, int(num_inference_steps), batch, latent_hw,
-                              guidance, merge, output_type != "latent")
+                              guidance, merge, output_type != "latent", **extra)
 
         cond = self._conditioning(prompts, negatives, negative_prompt, guidance, n, height,
-                                  width)
-        if latents is None:  # drawn by a small program of its own: the sampler is shared
+                                  width, options)
+        if image is not None:  # the encoded image, noised to the start step
+            rows = (0,) * batch if image.shape[0] == 1 else tuple(
+                i for i in range(image.shape[0]) for _ in range(n))
+            latents, key = self._run("img2img", (self.scheduler, static.start, rows),
+                                     self.vae.params, jnp.asarray(image), state, key)
+        elif latents is None:  # drawn by a small program of its own: the sampler is shared
             latents, key = self._run("noise", shape, key)
-        g = jnp.asarray(guidance_scale, _F32)
+        g = {"guidance_scale": jnp.asarray(guidance_scale, _F32),
+             "guidance_rescale": jnp.asarray(options["guidance_rescale"], _F32),
+             "eta": jnp.asarray(options["eta"], _F32)}
         params = {"unet": self.unet.params, "vae": self.vae.params}
         return static, (params, cond, latents, state, key, g)
 
     def _interactive(self, static, params, cond, latents, state, key, g, progress, callback):
         carry = self._run("start", static, cond, latents, state)
-        total = int(state.timesteps.shape[0])
+        total = int(state.timesteps.shape[0]) - (static.start or 0)
         bar = _Bar(total, "denoising") if progress else None
         previous = _merge_at(static.merge, 0)
         try:
@@ -607,12 +744,21 @@ class StableDiffusionPipeline(_Pipeline):
     def _encode_params(self):
         return {"text_encoder": self.text_encoder.params}
 
-    def _tokenize(self, prompts, negatives, guidance, zero_negative):
+    def _tokenize(self, prompts, negatives, guidance, zero_negative, options=None):
         rows = prompts if not guidance else negatives + prompts
         return {"ids": tokenize(self.tokenizer, rows)}
 
+    def _clip_skip_limit(self) -> int:
+        return self.text_encoder.config.num_hidden_layers
+
     def _encode(self, static: EncodeConfig, params, ids):
-        h = self.text_encoder.apply(params["text_encoder"], ids["ids"]).last_hidden_state
+        out = self.text_encoder.apply(params["text_encoder"], ids["ids"])
+        h = out.last_hidden_state
+        if static.clip_skip is not None:  # the positive prompts only, as in diffusers
+            skipped = self.text_encoder.apply_final_layer_norm(
+                params["text_encoder"], out.hidden_states[-(static.clip_skip + 1)])
+            half = h.shape[0] // 2 if static.guidance else 0
+            h = jnp.concatenate([h[:half], skipped[half:]], axis=0)
         h = jnp.repeat(h, static.num_images_per_prompt, axis=0)
         return {"encoder_hidden_states": h.astype(self.unet.dtype)}
 
@@ -621,6 +767,7 @@ class StableDiffusionXLPipeline(_Pipeline):
     """SDXL: two CLIP text encoders (the second with projection), added conditioning."""
 
     _uses_latent_stats = True
+    _default_strength = 0.3  # diffusers' StableDiffusionXLImg2ImgPipeline default
 
     def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
                  scheduler, force_zeros_for_empty_prompt: bool = True):
@@ -658,14 +805,55 @@ class StableDiffusionXLPipeline(_Pipeline):
         return {"text_encoder": self.text_encoder.params,
                 "text_encoder_2": self.text_encoder_2.params}
 
-    def _tokenize(self, prompts, negatives, guidance, zero_negative):
-        rows = prompts if (not guidance or zero_negative) else negatives + prompts
-        return {"ids": tokenize(self.tokenizer, rows), "ids_2": tokenize(self.tokenizer_2, rows)}
+    def _option_names(self):
+        return features.COMMON_OPTIONS + features.SDXL_OPTIONS
+
+    def _clip_skip_limit(self) -> int:
+        return min(self.text_encoder.config.num_hidden_layers,
+                   self.text_encoder_2.config.num_hidden_layers) - 1
+
+    def _check_options(self, options, prompts, negative_prompt, guidance) -> dict:
+        out = super()._check_options(options, prompts, negative_prompt, guidance)
+        if out["prompt_2"] is not None:
+            out["prompt_2"] = _per_prompt(out["prompt_2"], "prompt_2", len(prompts))
+        if out["negative_prompt_2"] is not None:
+            if not guidance:
+                raise ValueError("negative_prompt_2 has no effect without classifier-free "
+                                 "guidance (guidance_scale <= 1)")
+            if self._zero_negative(negative_prompt):
+                raise ValueError(
+                    "negative_prompt_2 has no effect without negative_prompt: this model "
+                    "uses zero unconditional embeddings then (force_zeros_for_empty_prompt); "
+                    "give negative_prompt too")
+            out["negative_prompt_2"] = _per_prompt(out["negative_prompt_2"],
+                                                   "negative_prompt_2", len(prompts))
+        for name in features.SDXL_OPTIONS[2:]:
+            if out[name] is not None:
+                out[name] = features.check_size_pair(name, out[name],
+                                                     positive="crops" not in name)
+                if name.startswith("negative_") and not guidance:
+                    raise ValueError(f"{name} has no effect without classifier-free guidance "
+                                     f"(guidance_scale <= 1)")
+        return out
+
+    def _tokenize(self, prompts, negatives, guidance, zero_negative, options=None):
+        options = options or {}
+        prompts_2 = options.get("prompt_2") or prompts
+        negatives_2 = options.get("negative_prompt_2") or negatives
+        both = not guidance or zero_negative
+        rows = prompts if both else negatives + prompts
+        rows_2 = prompts_2 if both else negatives_2 + prompts_2
+        return {"ids": tokenize(self.tokenizer, rows), "ids_2": tokenize(self.tokenizer_2, rows_2)}
 
     def _encode(self, static: EncodeConfig, params, ids):
         o1 = self.text_encoder.apply(params["text_encoder"], ids["ids"])
         o2 = self.text_encoder_2.apply(params["text_encoder_2"], ids["ids_2"])
         h = jnp.concatenate([o1.hidden_states[-2], o2.hidden_states[-2]], axis=-1)
+        if static.clip_skip is not None:  # the positive prompts only, as in diffusers
+            k = -(static.clip_skip + 2)
+            skipped = jnp.concatenate([o1.hidden_states[k], o2.hidden_states[k]], axis=-1)
+            half = h.shape[0] // 2 if static.guidance and not static.zero_negative else 0
+            h = jnp.concatenate([h[:half], skipped[half:]], axis=0)
         pooled = o2.text_embeds
         if static.zero_negative:
             h = jnp.concatenate([jnp.zeros_like(h), h], axis=0)
@@ -674,9 +862,22 @@ class StableDiffusionXLPipeline(_Pipeline):
         return {"encoder_hidden_states": jnp.repeat(h, n, axis=0).astype(self.unet.dtype),
                 "text_embeds": jnp.repeat(pooled, n, axis=0).astype(_F32)}
 
-    def _added_cond(self, height, width, rows):
-        ids = np.array([[height, width, 0, 0, height, width]], np.float32)
-        return {"time_ids": jnp.asarray(np.repeat(ids, rows, axis=0))}
+    def _added_cond(self, height, width, rows, options=None, guidance=False):
+        positive, negative = features.add_time_ids(options or {}, height, width)
+        ids = np.array([negative] * (rows // 2) + [positive] * (rows // 2) if guidance
+                       else [positive] * rows, np.float32)
+        return {"time_ids": jnp.asarray(ids)}
+
+
+def _per_prompt(value, name, count):
+    """A string (for every prompt) or one string per prompt, as a list of ``count``."""
+    if isinstance(value, str):
+        return [value] * count
+    values = _prompt_list(value, name)
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} entries but prompt has {count}: give one "
+                         f"per prompt (or one string)")
+    return values
 
 
 def _merge_at(merge, step):
@@ -724,7 +925,7 @@ def read_model_index(folder) -> dict:
 
 
 def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attention="auto",
-                  param_dtype=None, variant: str | None = None):
+                  param_dtype=None, variant: str | None = None, lora=()):
     """Load a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` folder.
 
     ``path_or_repo_id``: a pipeline folder (with ``model_index.json``) or a repo id in the
@@ -733,8 +934,17 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
     in float32 when ``dtype`` is float16). ``scheduler``: None (the folder's scheduler),
     a name (``"ddim"``, ``"pndm"``, ``"euler"``, ``"euler_a"``, ``"dpm++2m"``,
     ``"dpm++2m_karras"``, built from the folder's scheduler config) or a scheduler object.
-    ``variant="fp16"`` reads the ``.fp16`` weight files.
+    ``variant="fp16"`` reads the ``.fp16`` weight files. ``lora``: LoRA files fused into
+    the weights at load, each a path (scale 1), ``"file:0.7"`` or ``(path, scale)``.
     """
+    from .lora import parse_lora_spec
+
+    if isinstance(lora, (str, os.PathLike)):
+        lora = [lora]
+    loras = [parse_lora_spec(spec) for spec in lora]  # bad entries fail before loading
+    for file, _ in loras:
+        if not Path(file).is_file():
+            raise CheckpointError(f"LoRA file not found: {file}")
     dtype = weights.parse_dtype(dtype)
     root = pipeline_folder(path_or_repo_id)
     index = read_model_index(root)
@@ -769,6 +979,8 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
         pipe = StableDiffusionXLPipeline(unet, vae, te, te2, tok, tok2, sched,
                                          index.get("force_zeros_for_empty_prompt", True))
     pipe.scheduler_config = sched_config
+    for file, scale in loras:
+        pipe.load_lora(file, scale)
     return pipe
 
 

@@ -84,6 +84,27 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     return out
 
 
+def read_safetensors_metadata(path) -> dict[str, str]:
+    """The ``__metadata__`` strings of a ``.safetensors`` file's header ({} if none)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weight file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file: only {len(head)} bytes")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > path.stat().st_size - 8:
+            raise CheckpointError(f"{path} is corrupt or truncated: its header claims "
+                                  f"{header_len} bytes")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} is corrupt: its header is not valid JSON ({e})") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
 def weight_files(folder, stem: str, variant: str | None = None) -> list[Path]:
     """The safetensors files of one model folder (several when sharded)."""
     folder = Path(folder)

@@ -1,0 +1,338 @@
+"""LoRA files read and fused into the weights at load (``pipe.load_lora(file, scale)``).
+
+A LoRA adds ``scale * (alpha / r) * up @ down`` to a layer's weight (``down``: ``[r, in]``
+or ``[r, in, kh, kw]`` for a convolution, ``up``: ``[out, r]`` or ``[out, r, 1, 1]``).
+Fused once at load, it costs nothing per step, and the compiled sampling programs stay
+valid (the weights are their arguments).
+
+Key layouts read (what diffusers' ``load_lora_weights`` reads for SD / SDXL):
+
+- diffusers / peft: ``unet.<module>.lora_A.weight`` and ``.lora_B.weight`` (also
+  ``text_encoder.`` and ``text_encoder_2.``), alpha from the file's
+  ``lora_adapter_metadata`` (``<component>.lora_alpha``, ``alpha_pattern``,
+  ``use_rslora``) or from ``<module>.alpha`` keys, else alpha = rank (scale 1). The older
+  diffusers names (``.lora.down.weight`` / ``.lora.up.weight``,
+  ``.lora_linear_layer.down/up``, ``.processor.to_q_lora.down.weight``) too.
+- kohya: ``lora_unet_<module with "_" for ".">.lora_down.weight`` / ``.lora_up.weight`` /
+  ``.alpha``, ``lora_te_`` (SD's text encoder), ``lora_te1_`` / ``lora_te2_`` (SDXL's two).
+  Names are resolved against the model's own layer names, so underscores inside names
+  (``to_q``, ``proj_in``) are never ambiguous.
+
+A key that matches no layer, a missing half of a pair, or an update whose shape does not
+fit the layer is a :class:`LoraError` naming it. The helpers (:func:`parse_lora_key`,
+:func:`kohya_name`, :func:`diffusers_keys`, :func:`module_table`, :func:`lora_delta`)
+are public so that a LoRA writer can produce exactly what this reader reads.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .weights import (CheckpointError, read_safetensors, read_safetensors_metadata,
+                      to_flax_layout, torch_key)
+
+__all__ = ["LoraError", "LoraLayer", "LoraFile", "COMPONENTS", "KOHYA_PREFIXES",
+           "parse_lora_key", "kohya_name", "diffusers_keys", "module_table", "lora_delta",
+           "read_lora", "fuse_lora", "load_lora_into", "parse_lora_spec"]
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# kohya prefix -> component (SD's "lora_te_" is its only text encoder)
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                  "lora_te2_": "text_encoder_2"}
+# key suffix -> role; the longest match wins
+_SUFFIXES = (
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".down.weight", "down"), (".up.weight", "up"),
+    (".alpha", "alpha"),
+)
+_UNSUPPORTED = ("lora_magnitude_vector", "dora_scale", "hada_", "lokr_", ".lora_B.bias",
+                ".lora_up.bias", ".diff", ".diff_b")
+
+
+class LoraError(CheckpointError):
+    """A LoRA file that cannot be read or does not fit the model."""
+
+
+@dataclasses.dataclass
+class LoraLayer:
+    """One layer's LoRA in PyTorch layout: ``down`` (A) ``[r, in(, kh, kw)]``, ``up``
+    (B) ``[out, r(, 1, 1)]``, ``alpha`` (None: alpha = r)."""
+    down: np.ndarray | None = None
+    up: np.ndarray | None = None
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+@dataclasses.dataclass
+class LoraFile:
+    """A read LoRA file: ``layers[component][module]``, where ``module`` is the layer's
+    dotted PyTorch name (diffusers layout) or its underscored kohya name (``kohya``)."""
+    path: str
+    layers: dict
+    kohya: bool = False
+
+
+# ----------------------------------------------------------------------------- names
+
+def parse_lora_key(key: str) -> tuple[str, str, str]:
+    """``(component, module, role)`` of one LoRA key; ``role`` is ``"down"``, ``"up"``
+    or ``"alpha"``. ``module`` is dotted for the diffusers layout, underscored (as
+    written) for kohya. Raises :class:`LoraError` for anything else."""
+    for bad in _UNSUPPORTED:
+        if bad in key:
+            raise LoraError(f"key {key!r} belongs to a LoRA variant that is not supported "
+                            f"(DoRA, LyCORIS, bias or full-weight diffs): only plain LoRA is")
+    for suffix, role in _SUFFIXES:
+        if key.endswith(suffix):
+            stem = key[: -len(suffix)]
+            break
+    else:
+        raise LoraError(f"key {key!r} is not a LoRA weight (expected .lora_A/.lora_B, "
+                        f".lora_down/.lora_up or .alpha)")
+    for prefix, component in sorted(KOHYA_PREFIXES.items(), key=lambda kv: -len(kv[0])):
+        if stem.startswith(prefix):
+            return component, stem[len(prefix):], role
+    component, _, module = stem.partition(".")
+    if component not in COMPONENTS or not module:
+        raise LoraError(f"key {key!r} names no model: LoRA keys start with unet., "
+                        f"text_encoder., text_encoder_2. or lora_unet_, lora_te_, lora_te1_, "
+                        f"lora_te2_")
+    # diffusers' older attention-processor names: attn1.processor.to_q_lora -> attn1.to_q
+    match = re.fullmatch(r"(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora", module)
+    if match:
+        module = f"{match[1]}.{match[2]}" + (".0" if match[2] == "to_out" else "")
+    return component, module, role
+
+
+def kohya_name(component: str, module: str) -> str:
+    """The kohya stem of a layer (``"lora_unet_down_blocks_0_..._to_q"``) from its dotted
+    PyTorch name; SDXL's second text encoder is ``lora_te2_``. Append ``.lora_down.weight``,
+    ``.lora_up.weight`` or ``.alpha``."""
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_",
+              "text_encoder_2": "lora_te2_"}.get(component)
+    if prefix is None:
+        raise ValueError(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}")
+    return prefix + module.replace(".", "_")
+
+
+def diffusers_keys(component: str, module: str) -> tuple[str, str]:
+    """The diffusers / peft keys ``(down, up)`` of a layer:
+    ``"<component>.<module>.lora_A.weight"`` and ``"....lora_B.weight"``."""
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}")
+    return f"{component}.{module}.lora_A.weight", f"{component}.{module}.lora_B.weight"
+
+
+def module_table(params) -> dict[str, tuple]:
+    """Every LoRA-able layer of a model's parameters (Linear and Conv2d kernels):
+    ``{dotted PyTorch module name: parameter path}``."""
+    table = {}
+    for path, value in nnx.to_flat_state(params):
+        if str(path[-1]) == "kernel" and np.ndim(_value(value)) in (2, 4):
+            table[torch_key(path)[: -len(".weight")]] = path
+    return table
+
+
+def _value(v):
+    return v.value if hasattr(v, "value") and not hasattr(v, "shape") else v
+
+
+def _normalize(component: str, module: str, table: dict) -> str:
+    """Text encoders: transformers 5 names its layers without ``text_model.``; ours have it."""
+    if component != "unet" and module not in table and f"text_model.{module}" in table:
+        return f"text_model.{module}"
+    return module
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_lora(path) -> LoraFile:
+    """Read a LoRA ``.safetensors`` file (diffusers/peft or kohya layout) into
+    :class:`LoraFile`, checking that every layer has both halves of consistent rank."""
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise LoraError(f"LoRA file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise LoraError(f"{path}: only .safetensors LoRA files are read (pickled .bin/.pt/.ckpt "
+                        f"files can run code: convert them to safetensors)")
+    try:
+        tensors = read_safetensors(path)
+        meta = read_safetensors_metadata(path)
+    except CheckpointError as e:
+        raise LoraError(f"LoRA file {e}") from None
+    if not tensors:
+        raise LoraError(f"{path} holds no tensors: not a LoRA file")
+    layers: dict = {}
+    kinds = set()
+    for key, array in tensors.items():
+        try:
+            component, module, role = parse_lora_key(key)
+        except LoraError as e:
+            raise LoraError(f"{path}: {e}") from None
+        kinds.add(key.startswith("lora_"))
+        layer = layers.setdefault(component, {}).setdefault(module, LoraLayer())
+        if role == "alpha":
+            layer.alpha = float(np.asarray(array, np.float32).reshape(-1)[0])
+        else:
+            setattr(layer, role, np.asarray(array, np.float32))
+    if len(kinds) > 1:
+        raise LoraError(f"{path} mixes kohya (lora_unet_...) and diffusers (unet....) keys")
+    kohya = kinds == {True}
+    alphas = _metadata_alphas(meta, path)
+    for component, mods in layers.items():
+        for module, layer in mods.items():
+            where = f"{path}: {component} layer {module!r}"
+            if layer.down is None or layer.up is None:
+                half = "down (lora_A)" if layer.down is None else "up (lora_B)"
+                raise LoraError(f"{where} has no {half} weight")
+            if layer.down.ndim not in (2, 4) or layer.up.ndim != layer.down.ndim:
+                raise LoraError(f"{where}: down {list(layer.down.shape)} and up "
+                                f"{list(layer.up.shape)} are not a LoRA pair")
+            if layer.up.shape[1] != layer.down.shape[0]:
+                raise LoraError(f"{where}: down has rank {layer.down.shape[0]} but up has "
+                                f"{layer.up.shape[1]}")
+            if layer.up.ndim == 4 and layer.up.shape[2:] != (1, 1):
+                raise LoraError(f"{where}: a convolution's up weight must be 1x1, got "
+                                f"{list(layer.up.shape)}")
+            if layer.alpha is None and component in alphas:
+                layer.alpha = alphas[component](module, layer.rank)
+    return LoraFile(str(path), layers, kohya)
+
+
+def _metadata_alphas(meta: dict, path) -> dict:
+    """Per component, ``f(module, rank) -> alpha`` from diffusers' ``lora_adapter_metadata``
+    (a peft ``LoraConfig`` per component, keys prefixed ``unet.`` ...)."""
+    raw = meta.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError:
+        raise LoraError(f"{path}: its lora_adapter_metadata is not valid JSON") from None
+    out = {}
+    for component in COMPONENTS:
+        cfg = {k[len(component) + 1:]: v for k, v in config.items()
+               if k.startswith(component + ".")}
+        if not cfg:
+            continue
+        if cfg.get("use_dora"):
+            raise LoraError(f"{path}: {component} is a DoRA adapter (use_dora), which is not "
+                            f"supported")
+        alpha = cfg.get("lora_alpha")
+        pattern = cfg.get("alpha_pattern") or {}
+        rslora = bool(cfg.get("use_rslora"))
+
+        def alpha_of(module, rank, alpha=alpha, pattern=pattern, rslora=rslora):
+            a = alpha
+            for key, value in pattern.items():  # peft matches a pattern as a name suffix
+                if re.fullmatch(rf"(.*\.)?{key}", module):
+                    a = value
+                    break
+            if a is None:
+                return None
+            # rsLoRA scales by alpha / sqrt(r): expressed as the alpha giving that ratio
+            return float(a) * (np.sqrt(rank) if rslora else 1.0)
+
+        out[component] = alpha_of
+    return out
+
+
+# ----------------------------------------------------------------------------- fusing
+
+def lora_delta(layer: LoraLayer, scale: float = 1.0) -> np.ndarray:
+    """``scale * (alpha / r) * up @ down`` in PyTorch layout (``[out, in]`` or
+    ``[out, in, kh, kw]``), float32."""
+    r = layer.rank
+    factor = scale * ((layer.alpha if layer.alpha is not None else r) / r)
+    down = layer.down.reshape(r, -1).astype(np.float32)
+    up = layer.up.reshape(layer.up.shape[0], r).astype(np.float32)
+    delta = (up @ down) * np.float32(factor)
+    return delta.reshape((layer.up.shape[0],) + layer.down.shape[1:])
+
+
+def fuse_lora(params, layers: dict, scale: float = 1.0, *, component: str = "unet",
+              kohya: bool = False, where: str = "LoRA"):
+    """``params`` (one model's) with every layer's LoRA update added; the rest shared.
+    ``layers``: ``{module: LoraLayer}`` as :func:`read_lora` gives them for ``component``."""
+    table = module_table(params)
+    by_kohya = {name.replace(".", "_"): name for name in table} if kohya else None
+    flat = dict(nnx.to_flat_state(params))
+    for module, layer in layers.items():
+        name = by_kohya.get(module) if kohya else _normalize(component, module, table)
+        if name is None or name not in table:
+            shown = kohya_name(component, module) if kohya else f"{component}.{module}"
+            raise LoraError(f"{where}: {shown!r} matches no layer of the {component}")
+        path = table[name]
+        old = _value(flat[path])
+        delta = lora_delta(layer, scale)
+        want = tuple(np.shape(old))
+        update = to_flax_layout(delta, "kernel")
+        if update.shape != want:
+            torch_shape = (list(want[::-1]) if len(want) == 2
+                           else [want[3], want[2], want[0], want[1]])
+            raise LoraError(f"{where}: the update for {component} layer {name!r} has shape "
+                            f"{list(delta.shape)} but the layer's weight is {torch_shape}")
+        flat[path] = (jnp.asarray(old, jnp.float32) + jnp.asarray(update)).astype(old.dtype)
+    return nnx.from_flat_state(flat)
+
+
+def _check_scale(scale) -> float:
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating))
+            or not np.isfinite(scale)):
+        raise LoraError(f"LoRA scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def load_lora_into(pipe, path, scale: float = 1.0) -> None:
+    """Fuse the LoRA file ``path`` times ``scale`` into ``pipe``'s UNet and text encoders.
+    Everything is checked before any model changes; the changed models are new objects
+    (a pipeline sharing the old ones, e.g. from ``with_scheduler``, keeps them)."""
+    scale = _check_scale(scale)
+    lora = read_lora(path)
+    fused = {}
+    for component, layers in lora.layers.items():
+        model = getattr(pipe, component, None)
+        if model is None:
+            raise LoraError(f"{lora.path} has {component} layers but a "
+                            f"{type(pipe).__name__} has no {component}")
+        fused[component] = fuse_lora(model.params, layers, scale, component=component,
+                                     kohya=lora.kohya, where=lora.path)
+    for component, params in fused.items():
+        model = copy.copy(getattr(pipe, component))
+        model.params = params
+        setattr(pipe, component, model)
+
+
+def parse_lora_spec(spec) -> tuple[str, float]:
+    """``"file.safetensors"``, ``"file.safetensors:0.7"``, ``(file, scale)`` or a path ->
+    ``(file, scale)``; the CLI's ``--lora FILE[:SCALE]``."""
+    if isinstance(spec, (tuple, list)):
+        if len(spec) != 2:
+            raise LoraError(f"a LoRA entry is a file or (file, scale), got {spec!r}")
+        return os.fspath(spec[0]), _check_scale(spec[1])
+    if isinstance(spec, os.PathLike):
+        return os.fspath(spec), 1.0
+    if not isinstance(spec, str):
+        raise LoraError(f"a LoRA entry is a file or (file, scale), got {spec!r}")
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and not Path(spec).is_file():
+        try:
+            return head, _check_scale(float(tail))
+        except ValueError:
+            raise LoraError(f"{spec!r}: the scale after ':' must be a number, got "
+                            f"{tail!r}") from None
+    return spec, 1.0
