@@ -163,6 +163,7 @@ class PLMSState(NamedTuple):
     ets: jax.Array  # (4, *shape) past model outputs, newest first
     cur_sample: jax.Array  # (*shape) sample saved by the first step for the warm-up redo
     count: jax.Array
+    cur_model_output: Optional[jax.Array] = None  # PRK warm-up: the Runge-Kutta sum
 
 
 class SigmaState(NamedTuple):
@@ -400,7 +401,7 @@ class DDIM(_Base):
 
 
 # ---------------------------------------------------------------------------------------
-# PNDM in its PLMS form (skip_prk_steps=True)
+# PNDM: PLMS (skip_prk_steps=True) and the Runge-Kutta warm-up (skip_prk_steps=False)
 # ---------------------------------------------------------------------------------------
 
 # Adams-Bashforth weights for 1..4 stored outputs (newest first), as numerator / denominator.
@@ -412,22 +413,29 @@ _AB_DEN = np.array([1, 2, 12, 24], dtype=np.float32)
 
 @dataclasses.dataclass(frozen=True)
 class PNDM(_Base):
-    """Pseudo linear multistep (PLMS), as diffusers' ``PNDMScheduler(skip_prk_steps=True)``.
+    """Pseudo numerical methods (Liu et al. 2022), as diffusers' ``PNDMScheduler``.
 
-    The schedule has ``n + 1`` entries for ``n > 1``: the second step re-evaluates the first
-    timestep's neighbour (a Heun-like warm-up), so loop over ``len(state.timesteps)``.
-    Supported: beta_schedule linear / scaled_linear / squaredcos_cap_v2 / trained_betas,
-    prediction_type epsilon / v_prediction, all three timestep spacings, steps_offset,
-    set_alpha_to_one. The Runge-Kutta warm-up (skip_prk_steps=False) is not supported.
+    ``skip_prk_steps=True`` (Stable Diffusion's setting, this class's default) is PLMS:
+    the schedule has ``n + 1`` entries for ``n > 1``: the second step re-evaluates the
+    first timestep's neighbour (a Heun-like warm-up). ``skip_prk_steps=False`` (diffusers'
+    default) warms up with three Runge-Kutta steps of four model calls each over the top
+    three intervals, then runs 4th-order linear multistep: ``n + 9`` entries (``n >= 4``).
+    Loop over ``len(state.timesteps)``. Supported: beta_schedule linear / scaled_linear /
+    squaredcos_cap_v2 / trained_betas, prediction_type epsilon / v_prediction, all three
+    timestep spacings, steps_offset, set_alpha_to_one.
     """
 
     set_alpha_to_one: bool = False
+    skip_prk_steps: bool = True
 
     _PREDICTIONS: ClassVar[Tuple[str, ...]] = ("epsilon", "v_prediction")
+    _PRK_CALLS: ClassVar[int] = 12  # 3 Runge-Kutta steps x 4 model calls
 
     def set_timesteps(self, num_inference_steps: int, shape, dtype=jnp.float32) -> PLMSState:
         n, shape = self._check_steps(num_inference_steps, shape)
         asc = self._spaced_int_timesteps(n)[::-1]
+        if not self.skip_prk_steps:
+            return self._prk_timesteps(n, asc, shape, dtype)
         # Every timestep once, except the second-highest which is visited twice.
         plms = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1].astype(np.int64)
         ac = self.alphas_cumprod()
@@ -442,14 +450,84 @@ class PNDM(_Base):
             count=jnp.zeros((), jnp.int32),
         )
 
+    def _prk_timesteps(self, n, asc, shape, dtype) -> PLMSState:
+        if n < 4:
+            raise ValueError(f"PNDM with skip_prk_steps=False needs num_inference_steps >= 4 "
+                             f"(its Runge-Kutta warm-up spans the top three intervals), got {n}")
+        half = self.num_train_timesteps // n // 2
+        # Each of the top 3 intervals: t, t - half (twice), t - ratio, as diffusers lays them.
+        prk = asc[-4:].repeat(2) + np.tile(np.array([0, half]), 4)
+        prk = prk[:-1].repeat(2)[1:-1][::-1]
+        steps = np.concatenate([prk, asc[:-3][::-1]]).astype(np.int64)
+        ac = self.alphas_cumprod()
+        final = _F32(1.0) if self.set_alpha_to_one else ac[0]
+        return PLMSState(
+            timesteps=jnp.asarray(steps, jnp.int32),
+            alphas_cumprod=jnp.asarray(ac),
+            final_alpha_cumprod=jnp.asarray(final, jnp.float32),
+            step_ratio=jnp.asarray(self.num_train_timesteps // n, jnp.int32),
+            ets=jnp.zeros((4,) + shape, dtype),
+            cur_sample=jnp.zeros(shape, dtype),
+            count=jnp.zeros((), jnp.int32),
+            cur_model_output=jnp.zeros(shape, dtype),
+        )
+
+    def _prev_sample(self, state, x, t, prev_t, eps):
+        """Eq. (9) of Liu et al. (2022): the transfer from x_t to x_{prev_t}."""
+        a_t = state.alphas_cumprod[t]
+        a_prev = jnp.where(
+            prev_t >= 0, state.alphas_cumprod[jnp.maximum(prev_t, 0)], state.final_alpha_cumprod
+        )
+        b_t, b_prev = 1 - a_t, 1 - a_prev
+        if self.prediction_type == "v_prediction":
+            eps = jnp.sqrt(a_t) * eps + jnp.sqrt(b_t) * x
+        denom = a_t * jnp.sqrt(b_prev) + jnp.sqrt(a_t * b_t * a_prev)
+        return jnp.sqrt(a_prev / a_t) * x - (a_prev - a_t) * eps / denom
+
+    def _step_prk_mode(self, state: PLMSState, model_output, i, sample):
+        """``skip_prk_steps=False``: the 12 Runge-Kutta calls, then 4th-order PLMS."""
+        c = state.count
+        prk = c < self._PRK_CALLS
+        k = c % 4
+        e = model_output.astype(jnp.float32)
+        x_in = sample.astype(jnp.float32)
+        t_sched = state.timesteps[i]
+        # Runge-Kutta: stage k of the step from timesteps[4 * (c // 4)], from its sample.
+        acc = state.cur_model_output.astype(jnp.float32)
+        acc_new = jnp.where(k == 0, acc + e / 6, jnp.where(k == 3, 0.0, acc + e / 3))
+        eps_prk = jnp.where(k == 3, acc + e / 6, e)
+        cur_sample = jnp.where(k == 0, x_in, state.cur_sample.astype(jnp.float32))
+        t_prk = state.timesteps[(c // 4) * 4]
+        prev_prk = t_sched - jnp.where(c % 2 == 1, 0, state.step_ratio // 2)
+        pushed = jnp.concatenate([e[None].astype(state.ets.dtype), state.ets[:3]], axis=0)
+        # linear multistep: the three Runge-Kutta slopes and this one, 4th order
+        w = jnp.asarray(_AB_NUM[3] / _AB_DEN[3])
+        eps_plms = jnp.tensordot(w, pushed.astype(jnp.float32), axes=1)
+        x = jnp.where(prk, cur_sample, x_in)
+        t = jnp.where(prk, t_prk, t_sched)
+        prev_t = jnp.where(prk, prev_prk, t_sched - state.step_ratio)
+        eps = jnp.where(prk, eps_prk, eps_plms)
+        prev = self._prev_sample(state, x, t, prev_t, eps)
+        ets = jnp.where(jnp.logical_or(~prk, k == 0), pushed, state.ets)
+        new_state = state._replace(
+            ets=ets,
+            cur_sample=jnp.where(prk, cur_sample, state.cur_sample).astype(state.cur_sample.dtype),
+            cur_model_output=jnp.where(prk, acc_new, acc).astype(state.cur_model_output.dtype),
+            count=c + 1,
+        )
+        return prev.astype(sample.dtype), new_state
+
     def step(self, state: PLMSState, model_output, step_index, sample, key=None):
         """One PLMS update at ``timesteps[step_index]``; returns ``(prev_sample, state)``.
 
         The number of steps already taken (``state.count``) selects the multistep order:
         0 -> Euler step (sample saved), 1 -> redo of that step with the averaged slope,
-        then 2nd, 3rd and 4th order Adams-Bashforth.
+        then 2nd, 3rd and 4th order Adams-Bashforth. With ``skip_prk_steps=False`` the
+        first 12 calls are the Runge-Kutta warm-up instead.
         """
         i = self._check_index(step_index)
+        if not self.skip_prk_steps:
+            return self._step_prk_mode(state, model_output, i, sample)
         c = state.count
         t_sched = state.timesteps[i]
         redo = c == 1
@@ -890,17 +968,14 @@ def from_config(config: Mapping[str, Any], name: Optional[str] = None, **overrid
     cls = _CLASSES[cls_name]
     merged = {**dict(config), **forced, **overrides}
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = set(overrides) - fields - {"skip_prk_steps"}
+    unknown = set(overrides) - fields
     if unknown:
         raise ValueError(
             f"{cls.__name__} has no option(s) {sorted(unknown)}; options: {sorted(fields)}"
         )
-    if cls is PNDM and not merged.get("skip_prk_steps", False):
-        raise ValueError(
-            "PNDM: only skip_prk_steps=True (PLMS, as Stable Diffusion uses it) is supported; "
-            "the Runge-Kutta warm-up (skip_prk_steps=False, the diffusers default) is not"
-        )
     kwargs = {k: v for k, v in merged.items() if k in fields}
+    if cls is PNDM:  # diffusers' default is the Runge-Kutta warm-up
+        kwargs["skip_prk_steps"] = bool(merged.get("skip_prk_steps", False))
     if kwargs.get("trained_betas") is not None:
         kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
     if kwargs.get("lambda_min_clipped") is None and "lambda_min_clipped" in kwargs:

@@ -47,6 +47,8 @@ CASES = {
     "plms-eps": (PNDM, {}, {}),
     "plms-v": (PNDM, V, {}),
     "plms-trailing": (PNDM, TRAILING, {}),
+    "pndm-prk-eps": (PNDM, {"skip_prk_steps": False}, {}),
+    "pndm-prk-v-trailing": (PNDM, {"skip_prk_steps": False, **V, **TRAILING}, {}),
     "euler-eps": (EULER, {}, {}),
     "euler-v-leading": (EULER, {**V, "timestep_spacing": "leading"}, {}),
     "euler-v-karras": (EULER, {**V, "use_karras_sigmas": True}, {}),
@@ -322,8 +324,10 @@ def test_errors(tmp_path):
         S.from_config(config(EULER, {"timestep_spacing": "middle"}))
     with pytest.raises(ValueError, match=r"prediction_type='sample'.*'epsilon', 'v_prediction'"):
         S.from_config(config(PNDM, {"prediction_type": "sample"}))
-    with pytest.raises(ValueError, match=r"skip_prk_steps=True"):
-        S.from_config({**SD15, "skip_prk_steps": False})
+    with pytest.raises(ValueError, match=r"skip_prk_steps=False needs num_inference_steps >= 4"):
+        S.from_config({**SD15, "skip_prk_steps": False}).set_timesteps(3, SHAPE)
+    prk = {k: v for k, v in SD15.items() if k != "skip_prk_steps"}  # diffusers' default
+    assert not S.from_config(prk).skip_prk_steps
     with pytest.raises(ValueError, match=r"thresholding=True is not supported"):
         S.from_config(config(DDIM, {"thresholding": True}))
     with pytest.raises(ValueError, match=r"has no option\(s\) \['karras'\]"):
