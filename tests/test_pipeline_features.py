@@ -22,7 +22,7 @@ from retom_jax.pipeline import load_pipeline
 from tests.pipeline_helpers import latents_for, reference, save_sd, save_sdxl
 from tests.util import rel_err
 
-TOL = 1e-3  # measured: 3e-7 to 2e-6 (float32, CPU)
+TOL = 3e-5  # about 10x the measured 1e-6 to 2.7e-6 (float32, CPU); the issue asks <= 1e-3
 SD_KW = dict(negative_prompt="blurry", num_inference_steps=3, guidance_scale=7.5, height=32,
              width=24)
 XL_KW = dict(num_inference_steps=3, guidance_scale=6.0, height=32, width=24)
