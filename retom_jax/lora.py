@@ -16,7 +16,9 @@ Key layouts read (what diffusers' ``load_lora_weights`` reads for SD / SDXL):
 - kohya: ``lora_unet_<module with "_" for ".">.lora_down.weight`` / ``.lora_up.weight`` /
   ``.alpha``, ``lora_te_`` (SD's text encoder), ``lora_te1_`` / ``lora_te2_`` (SDXL's two).
   Names are resolved against the model's own layer names, so underscores inside names
-  (``to_q``, ``proj_in``) are never ambiguous.
+  (``to_q``, ``proj_in``) are never ambiguous. UNet names in the original SGM block layout
+  (``input_blocks_4_1_...``, what sd-scripts writes for SDXL) are mapped by
+  :func:`sgm_to_diffusers`.
 
 A key that matches no layer, a missing half of a pair, or an update whose shape does not
 fit the layer is a :class:`LoraError` naming it. The helpers (:func:`parse_lora_key`,
@@ -40,7 +42,7 @@ from .weights import (CheckpointError, read_safetensors, read_safetensors_metada
                       to_flax_layout, torch_key)
 
 __all__ = ["LoraError", "LoraLayer", "LoraFile", "COMPONENTS", "KOHYA_PREFIXES",
-           "parse_lora_key", "kohya_name", "diffusers_keys", "module_table", "lora_delta",
+           "parse_lora_key", "kohya_name", "diffusers_keys", "sgm_to_diffusers", "module_table", "lora_delta",
            "read_lora", "fuse_lora", "load_lora_into", "parse_lora_spec"]
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -127,6 +129,61 @@ def kohya_name(component: str, module: str) -> str:
     if prefix is None:
         raise ValueError(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}")
     return prefix + module.replace(".", "_")
+
+
+_SGM_RESNET = (("in_layers_2", "conv1"), ("out_layers_3", "conv2"),
+               ("emb_layers_1", "time_emb_proj"), ("skip_connection", "conv_shortcut"))
+_SGM_FIXED = {"time_embed_0": "time_embedding_linear_1", "time_embed_2": "time_embedding_linear_2",
+              "label_emb_0_0": "add_embedding_linear_1", "label_emb_0_2": "add_embedding_linear_2",
+              "out_2": "conv_out", "input_blocks_0_0": "conv_in"}
+
+
+def sgm_to_diffusers(name: str, layers_per_block: int, has=lambda name: True) -> str | None:
+    """A kohya UNet name in the original (SGM/LDM) block layout, as sd-scripts writes for
+    SDXL (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``), as the underscored
+    diffusers name (``down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q``); None
+    when ``name`` is not in that layout. Input block ``k > 0`` is level
+    ``(k - 1) // (L + 1)``, item ``(k - 1) % (L + 1)`` (the last item: the downsampler);
+    output block ``k`` is level ``k // (L + 1)``, item ``k % (L + 1)``; within a block,
+    0 is the resnet, 1 the attention (an up block without one: the upsampler), 2 the
+    upsampler. ``has(name)`` tells whether a diffusers name exists (picks the up block's
+    item 1)."""
+    for old, new in _SGM_FIXED.items():
+        if name == old or name.startswith(old + "_"):
+            return new + name[len(old):]
+    L = layers_per_block
+    m = re.fullmatch(r"input_blocks_(\d+)_(\d+)_(.+)", name)
+    if m:
+        k, j, rest = int(m[1]), int(m[2]), m[3]
+        level, item = (k - 1) // (L + 1), (k - 1) % (L + 1)
+        if item == L:  # the downsampler: input_blocks_k_0_op
+            return f"down_blocks_{level}_downsamplers_0_{rest.replace('op', 'conv', 1)}"
+        kind = ("resnets", "attentions")[j] if j < 2 else None
+        return None if kind is None else f"down_blocks_{level}_{kind}_{item}_{_resnet(rest, kind)}"
+    m = re.fullmatch(r"middle_block_(\d+)_(.+)", name)
+    if m:
+        kind = {0: "resnets_0", 1: "attentions_0", 2: "resnets_1"}.get(int(m[1]))
+        return None if kind is None else f"mid_block_{kind}_{_resnet(m[2], kind)}"
+    m = re.fullmatch(r"output_blocks_(\d+)_(\d+)_(.+)", name)
+    if m:
+        k, j, rest = int(m[1]), int(m[2]), m[3]
+        level, item = k // (L + 1), k % (L + 1)
+        if j == 0:
+            return f"up_blocks_{level}_resnets_{item}_{_resnet(rest, 'resnets')}"
+        attention = f"up_blocks_{level}_attentions_{item}_{rest}"
+        if j == 1 and has(attention):
+            return attention
+        return f"up_blocks_{level}_upsamplers_0_{rest}"
+    return None
+
+
+def _resnet(rest: str, kind: str) -> str:
+    if not kind.startswith("resnets"):
+        return rest
+    for old, new in _SGM_RESNET:
+        if rest == old or rest.startswith(old + "_"):
+            return new + rest[len(old):]
+    return rest
 
 
 def diffusers_keys(component: str, module: str) -> tuple[str, str]:
@@ -270,11 +327,19 @@ def fuse_lora(params, layers: dict, scale: float = 1.0, *, component: str = "une
     ``layers``: ``{module: LoraLayer}`` as :func:`read_lora` gives them for ``component``."""
     table = module_table(params)
     by_kohya = {name.replace(".", "_"): name for name in table} if kohya else None
+    if kohya and component == "unet":  # SGM block names (kohya's SDXL files)
+        per_level = [n for n in table if re.fullmatch(r"down_blocks\.0\.resnets\.\d+\.conv1", n)]
+        sgm = {m: sgm_to_diffusers(m, len(per_level), by_kohya.__contains__) for m in layers}
+        origin = {(sgm[m] or m): m for m in layers}
+        layers = {(sgm[m] or m): layer for m, layer in layers.items()}
+    else:
+        origin = {m: m for m in layers}
     flat = dict(nnx.to_flat_state(params))
     for module, layer in layers.items():
         name = by_kohya.get(module) if kohya else _normalize(component, module, table)
         if name is None or name not in table:
-            shown = kohya_name(component, module) if kohya else f"{component}.{module}"
+            shown = (kohya_name(component, origin[module]) if kohya
+                     else f"{component}.{module}")
             raise LoraError(f"{where}: {shown!r} matches no layer of the {component}")
         path = table[name]
         old = _value(flat[path])

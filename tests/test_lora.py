@@ -183,3 +183,67 @@ def test_bad_lora_files(encoders, tmp_path):
         load_lora_into(keep, write({**good, "text_encoder_2.encoder.x.lora_A.weight": rand(2, 20),
                                     "text_encoder_2.encoder.x.lora_B.weight": rand(20, 2)}))
     assert keep.text_encoder is pipe.text_encoder
+
+
+SGM_STEMS = [  # kohya's SDXL layout on the tiny SDXL UNet (layers_per_block=1)
+    "input_blocks_1_0_in_layers_2", "input_blocks_2_0_op",
+    "input_blocks_3_1_transformer_blocks_0_attn1_to_q",
+    "input_blocks_5_1_transformer_blocks_1_ff_net_2", "middle_block_1_proj_out",
+    "middle_block_2_emb_layers_1", "output_blocks_1_1_transformer_blocks_0_attn2_to_k",
+    "output_blocks_3_0_skip_connection", "output_blocks_1_2_conv", "time_embed_2",
+    "label_emb_0_0",
+]
+
+
+def test_kohya_sgm_block_names(tmp_path):
+    """SGM block names map to the layers diffusers' own converter maps them to, and a
+    file in that layout fuses exactly as the same file with diffusers names."""
+    from types import SimpleNamespace
+
+    import jax
+    import torch
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers, _maybe_map_sgm_blocks_to_diffusers)
+
+    from flax import nnx
+
+    from retom_jax.lora import fuse_lora, module_table, sgm_to_diffusers
+    from retom_jax.unet import load_unet
+    from tests.tiny import FAMILIES, torch_unet
+
+    torch_unet(FAMILIES["sdxl"], seed=1).save_pretrained(tmp_path / "unet")
+    unet = load_unet(tmp_path / "unet", subfolder=None)
+    table = module_table(unet.params)
+    flat = dict(nnx.to_flat_state(unet.params))
+    tensors, plain, torch_sd = {}, {}, {}
+    for i, stem in enumerate(SGM_STEMS):
+        ours = sgm_to_diffusers(stem, 1)
+        name = next(n for n in table if n.replace(".", "_") == ours)
+        shape = np.shape(flat[table[name]])
+        out, inp = (shape[1], shape[0]) if len(shape) == 2 else (shape[3], shape[2])
+        k = () if len(shape) == 2 else shape[:2]
+        down, up = rand(2, inp, *k, seed=i), rand(out, 2, *((1, 1) if k else ()), seed=50 + i)
+        for d, prefix in ((tensors, f"lora_unet_{stem}"), (plain, f"lora_unet_{ours}")):
+            d[f"{prefix}.lora_down.weight"], d[f"{prefix}.lora_up.weight"] = down, up
+            d[f"{prefix}.alpha"] = np.asarray(1.0 + i, np.float32)
+        torch_sd[f"lora_unet_{stem}.lora_down.weight"] = torch.from_numpy(down)
+        torch_sd[f"lora_unet_{stem}.lora_up.weight"] = torch.from_numpy(up)
+    # diffusers' converter names the same layers
+    converted, _ = _convert_non_diffusers_lora_to_diffusers(
+        _maybe_map_sgm_blocks_to_diffusers(torch_sd, SimpleNamespace(layers_per_block=1)))
+    theirs = {parse_lora_key(key)[1] for key in converted}
+    ours = {n for n in table if n.replace(".", "_") in
+            {sgm_to_diffusers(s, 1) for s in SGM_STEMS}}
+    assert theirs == ours and len(ours) == len(SGM_STEMS)
+    fused = {}
+    for name, tensor_dict in (("sgm", tensors), ("plain", plain)):
+        save_file(tensor_dict, tmp_path / f"{name}.safetensors")
+        lora = read_lora(tmp_path / f"{name}.safetensors")
+        fused[name] = fuse_lora(unet.params, lora.layers["unet"], 0.7, kohya=True)
+
+    for a, b, c in zip(*(jax.tree.leaves(p) for p in (fused["sgm"], fused["plain"],
+                                                      unet.params))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    changed = sum(not np.array_equal(np.asarray(a), np.asarray(c))
+                  for a, c in zip(jax.tree.leaves(fused["sgm"]), jax.tree.leaves(unet.params)))
+    assert changed == len(SGM_STEMS)
