@@ -1,4 +1,4 @@
-"""Merge overhead of one self-attention call (issue 3).
+"""Merge overhead of one self-attention call.
 
 One self-attention layer as in SD1.5's top level (C = 320 channels, 8 heads of 40): the
 q/k/v/out projections and ``retom_jax.attention.dot_product_attention``, on a batch of

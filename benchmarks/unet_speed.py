@@ -1,4 +1,4 @@
-"""One UNet call, with and without token merging (issue 6).
+"""One UNet call, with and without token merging.
 
 For each model (random weights at the real architecture, or ``--weights`` for a real UNet
 folder), image size, batch, method and ratio: one jitted call of the pure

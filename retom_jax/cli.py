@@ -6,12 +6,58 @@ so that the whole path can be tried without any download.
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 MERGES = ("none", "tome", "retom", "todo")
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
+                 "half": "float16"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``retom-jax: error: ...``): the usage block is for
+    ``--help``, not for every mistake."""
+
+    def error(self, message):
+        self.exit(2, f"retom-jax: error: {message}\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless it has no default (None, a
+    switch) or its help says the default itself."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default in (None, False, argparse.SUPPRESS) or "default" in text
+                or isinstance(action, (argparse._VersionAction, argparse._HelpAction))):
+            return text
+        return super()._get_help_string(action)
+
+
+def _dtype(text):
+    name = DTYPE_ALIASES.get(text.lower(), text.lower())
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)}), got {text!r}")
+    return name
+
+
+def _seed(text):
+    from .pipeline import SEED_LIMIT
+
+    try:
+        value = int(text, 0)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**128), got {text!r}")
+    return value
 
 
 def _int_at_least(low: int, what: str):
@@ -140,59 +186,83 @@ def bench(args, parser) -> int:
         parser.error(f"no benchmarks/ folder beside the package ({folder}): the benchmarks ship "
                      "with the source checkout; install it with 'pip install -e .' from a clone")
     sys.path.insert(0, str(folder))
-    return importlib.import_module(BENCH_SCRIPTS[args.script]).main(args.args)
+    argv0, sys.argv[0] = sys.argv[0], f"retom-jax bench {args.script}"  # the script's usage line
+    try:
+        return importlib.import_module(BENCH_SCRIPTS[args.script]).main(args.args)
+    finally:
+        sys.argv[0] = argv0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="retom-jax",
+    from . import __version__
+
+    parser = Parser(
+        prog="retom-jax", formatter_class=HelpFormatter,
         description="Stable Diffusion text-to-image in JAX with token merging (ToMe, ReToM, "
                     "ToDo) in the UNet.")
+    parser.add_argument("--version", action="version", version=f"retom-jax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     g = sub.add_parser(
-        "generate", help="generate an image from a prompt",
+        "generate", help="generate an image from a prompt", formatter_class=HelpFormatter,
         description="Generate images from a prompt. --model takes a diffusers pipeline folder "
                     "(StableDiffusionPipeline or StableDiffusionXLPipeline), a repo id already "
                     "in the local Hugging Face cache, or 'demo' (tiny random model: noise). "
-                    "Nothing is ever downloaded.")
+                    "Nothing is ever downloaded. Options of a merge method other than the one "
+                    "chosen with --merge are errors, not ignored.")
     g.add_argument("--model", required=True, help="pipeline folder, cached repo id, or 'demo'")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (50)")
+    g.add_argument("--prompt", required=True,
+                   help="what to draw (CLIP reads 77 tokens; a longer prompt is cut, with a "
+                        "warning)")
+    g.add_argument("--negative-prompt", default=None,
+                   help="what to steer away from (needs --guidance above 1)")
+    g.add_argument("--steps", type=_positive_int, default=50, help="denoising steps")
     g.add_argument("--guidance", type=float, default=7.5,
-                   help="classifier-free guidance scale; <= 1 turns guidance off (7.5)")
+                   help="classifier-free guidance scale; <= 1 turns guidance off")
     g.add_argument("--height", type=_positive_int, default=None,
-                   help="image height in pixels (default: the model's)")
+                   help="image height in pixels, a multiple of 8 (default: the model's)")
     g.add_argument("--width", type=_positive_int, default=None,
-                   help="image width in pixels (default: the model's)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-images", type=_positive_int, default=1)
+                   help="image width in pixels, a multiple of 8 (default: the model's)")
+    g.add_argument("--seed", type=_seed, default=0,
+                   help="random seed of the initial noise, an integer in [0, 2**128); every "
+                        "bit of it counts")
+    g.add_argument("--num-images", type=_positive_int, default=1,
+                   help="images generated for the prompt (one batch)")
     g.add_argument("--scheduler", default=None,
                    help="ddim, pndm, euler, euler_a, dpm++2m, dpm++2m_karras (default: the "
                         "model's own)")
-    g.add_argument("--merge", choices=MERGES, default="none", help="token merging (none)")
-    g.add_argument("--ratio", type=float, default=0.5,
-                   help="share of tokens merged, for tome and retom (0.5)")
+    g.add_argument("--merge", choices=MERGES, default="none", help="token merging method")
+    g.add_argument("--ratio", type=float, default=None,
+                   help="tome, retom: share of tokens merged (default 0.5)")
     g.add_argument("--max-downsample", type=_positive_int, default=None,
-                   help="merge at UNet levels downsampled at most this much (default: the "
-                        "UNet's first attention level: 1 for SD, 2 for SDXL)")
-    g.add_argument("--window", type=_window, default=(2, 2),
-                   help="retom window, e.g. 2x2; tome cell (sy x sx)")
-    g.add_argument("--matching", choices=("local", "global"), default="local",
-                   help="retom matching (local)")
+                   help="tome, retom, todo: merge at UNet levels downsampled at most this much "
+                        "(default: the UNet's first attention level: 1 for SD, 2 for SDXL)")
+    g.add_argument("--window", type=_window, default=None,
+                   help="retom: window of one representative, e.g. 2x2; tome: cell (sy x sx) "
+                        "(default 2x2). ReToM merges whole windows only: where the token grid "
+                        "is not a multiple of the window, its last rows/columns stay unmerged "
+                        "(a note says so)")
+    g.add_argument("--matching", choices=("local", "global"), default=None,
+                   help="retom: a source merges into its window's representative (local) or "
+                        "the most similar one (global) (default local)")
     g.add_argument("--cache-step", type=_non_negative_int, default=None,
-                   help="retom: reuse the representatives chosen at this step afterwards")
-    g.add_argument("--window-schedule", type=_schedule_entry, nargs="+", default=(),
+                   help="retom: reuse the representatives chosen at this step (0-based) at "
+                        "every later step; must be below the last step (default: choose at "
+                        "every step)")
+    g.add_argument("--window-schedule", type=_schedule_entry, nargs="+", default=None,
                    metavar="STEP:WINDOW",
                    help="retom: windows that change over the steps, e.g. '10:4x4 20:2x2' "
-                        "(--window until step 10, then 4x4, from step 20 2x2)")
-    g.add_argument("--todo-factor", type=_positive_int, default=2,
-                   help="todo: keys/values pooled by this factor (2)")
-    g.add_argument("--dtype", choices=DTYPES, default="float32")
+                        "(--window until step 10, then 4x4, from step 20 2x2); every step must "
+                        "come before the last (default: none)")
+    g.add_argument("--todo-factor", type=_positive_int, default=None,
+                   help="todo: keys/values pooled by this factor (default 2)")
+    g.add_argument("--dtype", type=_dtype, default="float32", metavar="{" + ",".join(DTYPES) + "}",
+                   help="compute dtype of the models; bf16, fp16, fp32 are accepted too")
     g.add_argument("--out", default="retom-jax.png",
-                   help="output image file; with several images, -0, -1 ... are appended")
-    g.add_argument("--progress", action="store_true", help="show a progress bar")
+                   help="output image file (checked before the model loads); with several "
+                        "images, -0, -1 ... are appended")
+    g.add_argument("--progress", action="store_true",
+                   help="show a progress bar over the steps (runs one step at a time)")
     from .eval.mergemap import add_merge_map_arguments  # --merge-map (retom_jax/eval/mergemap.py)
     add_merge_map_arguments(g)
     add_feature_arguments(g)
@@ -200,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench", help="run a benchmark script from the checkout's benchmarks/ folder",
+        formatter_class=HelpFormatter,
         description="Run one of the scripts in benchmarks/ (see benchmarks/README.md); "
                     "everything after the script name is passed to it, e.g. "
                     "'retom-jax bench unet --preset tiny --out unet.json'.")
@@ -213,41 +284,124 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Which --merge methods use each option (an option given for another method is an error).
+MERGE_OPTIONS = {"ratio": ("tome", "retom"), "window": ("tome", "retom"),
+                 "matching": ("retom",), "cache_step": ("retom",),
+                 "window_schedule": ("retom",), "todo_factor": ("todo",),
+                 "max_downsample": ("tome", "retom", "todo")}
+
+
+def check_merge_options(args):
+    """ValueError for an option the chosen --merge method does not use."""
+    for name, users in MERGE_OPTIONS.items():
+        if getattr(args, name, None) is not None and args.merge not in users:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} is an option of --merge {' or '.join(users)}, not of "
+                             f"--merge {args.merge}: drop it or change --merge")
+
+
 def make_merge(args, first_level: int):
     """The merge config the options ask for (ValueError if they do not make one)."""
     from .merge import ReToM, ToDo, ToMe
 
     level = args.max_downsample or first_level
+    ratio = 0.5 if args.ratio is None else args.ratio
+    window = args.window or (2, 2)
     if args.merge == "tome":
-        sy, sx = args.window
-        return ToMe(ratio=args.ratio, max_downsample=level, sx=sx, sy=sy)
+        sy, sx = window
+        return ToMe(ratio=ratio, max_downsample=level, sx=sx, sy=sy)
     if args.merge == "retom":
-        return ReToM(ratio=args.ratio, window=args.window, matching=args.matching,
+        return ReToM(ratio=ratio, window=window, matching=args.matching or "local",
                      cache_step=args.cache_step, max_downsample=level,
-                     schedule=tuple(args.window_schedule))
+                     schedule=tuple(args.window_schedule or ()))
     if args.merge == "todo":
-        return ToDo(factor=args.todo_factor, max_downsample=level)
+        return ToDo(factor=args.todo_factor or 2, max_downsample=level)
     return None
 
 
 def _output_paths(out: str, n: int) -> list[Path]:
+    """The files to write, checked before anything is loaded: a format PIL writes (an RGB
+    image), not a folder, in a folder that exists or can be made, writable."""
     from PIL import Image
 
     path = Path(out)
-    if path.suffix.lower() not in Image.registered_extensions():
+    if path.is_dir():
+        raise ValueError(f"--out {out!r} is a folder: name an image file, e.g. "
+                         f"{str(path / 'image.png')!r}")
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
         raise ValueError(f"--out {out!r}: unknown image extension {path.suffix!r} (use .png)")
-    if n == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+    if fmt not in Image.SAVE:
+        raise ValueError(f"--out {out!r}: PIL reads {fmt} files but cannot write them "
+                         f"(use .png)")
+    try:
+        Image.new("RGB", (8, 8)).save(io.BytesIO(), format=fmt)
+    except Exception as e:  # noqa: BLE001 - any failure of PIL's writer
+        raise ValueError(f"--out {out!r}: PIL cannot write an RGB image as {fmt} ({e}); "
+                         f"use .png") from None
+    paths = [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}")
+                                   for i in range(n)]
+    for p in paths:
+        if p.is_dir():
+            raise ValueError(f"--out {str(p)!r} is a folder: name an image file, e.g. "
+                             f"{str(p / 'image.png')!r}")
+        if p.exists() and not os.access(p, os.W_OK):
+            raise ValueError(f"--out {str(p)!r} exists and cannot be overwritten")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out {out!r}: {str(folder)!r} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out!r}: cannot write in {str(folder)!r} "
+                         f"({e.strerror or e})") from None
+    return paths
+
+
+def _edge_note(pipe, merge, height, width) -> str | None:
+    """One line when ReToM's windows leave the last rows/columns of a token grid unmerged
+    (it merges whole windows only), else None."""
+    if not hasattr(merge, "window_at"):
+        return None
+    f = pipe.vae_scale_factor
+    default = pipe.default_size or (0, 0)
+    lh, lw = (height or default[0]) // f, (width or default[1]) // f
+    notes = []
+    for d in pipe.unet.config.attention_downsamples():
+        if not merge.applies(d):
+            continue
+        h, w = -(-lh // d), -(-lw // d)
+        for step in [0] + [s for s, _ in merge.schedule]:
+            wh, ww = merge.at_step(step).window_for(d)
+            if wh <= h and ww <= w and (h % wh or w % ww):
+                at = f" from step {step}" if step else ""
+                notes.append(f"the {h}x{w} token grid (downsample {d}) leaves {h % wh} row(s) "
+                             f"and {w % ww} column(s) outside the {wh}x{ww} windows{at}")
+    if not notes:
+        return None
+    return ("note: ReToM merges whole windows only, so edge tokens stay unmerged: "
+            + "; ".join(dict.fromkeys(notes)))
+
+
+def _show_warning(seen):
+    """``warnings.showwarning`` for the command line: each message once, on one line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if text not in seen:
+            seen.add(text)
+            print(f"retom-jax: warning: {text}", file=sys.stderr, flush=True)
+    return show
 
 
 def generate(args, parser) -> int:
-    import jax.numpy as jnp
-
     from .weights import CheckpointError
 
     try:
         paths = _output_paths(args.out, args.num_images)
+        check_merge_options(args)
         make_merge(args, 1)  # bad merge options fail here, before any model is built
     except ValueError as e:
         parser.error(str(e))
@@ -256,14 +410,12 @@ def generate(args, parser) -> int:
     t0 = time.perf_counter()
     try:
         if args.model == "demo":
-            from .demo import DEMO_NOTICE, build_demo_pipeline
+            from .demo import DEMO_NOTICE
 
             print(DEMO_NOTICE)
-            pipe = build_demo_pipeline(jnp.dtype(args.dtype), scheduler=args.scheduler)
-        else:
-            from .pipeline import load_pipeline
+        from . import pipeline
 
-            pipe = load_pipeline(args.model, jnp.dtype(args.dtype), scheduler=args.scheduler)
+        pipe = pipeline.load_pipeline(args.model, args.dtype, scheduler=args.scheduler)
     except (CheckpointError, ValueError) as e:
         parser.error(f"--model {args.model}: {e}" if isinstance(e, CheckpointError) else str(e))
     for file, scale in args.lora:
@@ -273,24 +425,30 @@ def generate(args, parser) -> int:
             parser.error(f"--lora {file}: {e}")
     print(f"loaded {type(pipe).__name__} in {time.perf_counter() - t0:.2f} s"
           + (f" with {len(args.lora)} LoRA file(s)" if args.lora else ""))
-    try:
-        merge = make_merge(args, min(pipe.unet.config.attention_downsamples(), default=1))
-        out = pipe(args.prompt, negative_prompt=args.negative_prompt,
-                   num_inference_steps=args.steps, guidance_scale=args.guidance,
-                   height=args.height, width=args.width, num_images_per_prompt=args.num_images,
-                   seed=args.seed, merge=merge, progress=args.progress, output_type="pil",
+    options = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance, height=args.height, width=args.width,
+                   num_images_per_prompt=args.num_images, merge=None, output_type="pil",
                    **feature_options(args))
+    try:
+        merge = options["merge"] = make_merge(
+            args, min(pipe.unet.config.attention_downsamples(), default=1))
+        print("compiling ... (once per size, step count and merge setting)", flush=True)
+        compile_s = pipe.compile(args.prompt, progress=args.progress, **options)
+        print(f"compiled in {compile_s:.2f} s")
+        out = pipe(args.prompt, seed=args.seed, progress=args.progress, **options)
     except ValueError as e:
         parser.error(str(e))
     for image, path in zip(out.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         print(f"saved {path} ({image.width}x{image.height})")
+    note = _edge_note(pipe, merge, out.images[0].height, out.images[0].width)
+    if note:
+        print(note)
     if args.merge_map:  # generates the first image again through a probe (eval/mergemap.py)
         save_merge_map_from_args(args, parser, pipe, merge)
     n = len(out.images)
     merge_text = "no merging" if merge is None else repr(merge)
-    print(f"compile time: {out.compile_seconds:.2f} s")
     print(f"time per image: {out.run_seconds / n:.3f} s ({n} image(s), {args.steps} steps, "
           f"{merge_text}; compile time excluded)")
     if args.model == "demo":
@@ -301,7 +459,10 @@ def generate(args, parser) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.handler(args, args.subparser)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)  # shown once each by _show_warning
+        warnings.showwarning = _show_warning(set())
+        return args.handler(args, args.subparser)
 
 
 if __name__ == "__main__":  # pragma: no cover

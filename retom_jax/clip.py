@@ -20,6 +20,7 @@ Typical use::
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -458,12 +459,30 @@ def _tokenizer_folder(path, subfolder: str | None) -> Path:
     return _tokenizer_folder(root, subfolder)
 
 
+def quiet_transformers():
+    """``import transformers`` without its advisory notes (without torch it says "PyTorch
+    was not found. Models won't be available ...", which does not concern its tokenizers,
+    all that retom-jax uses). Only the import is quieted: the variable that does it is
+    restored afterwards, and an import made earlier is returned as it is."""
+    if "transformers" not in sys.modules:
+        name = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+        before = os.environ.get(name)
+        os.environ[name] = "1"
+        try:
+            import transformers  # noqa: F401
+        finally:
+            if before is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = before
+    return sys.modules["transformers"]
+
+
 def load_tokenizer(path, subfolder: str = "tokenizer"):
     """transformers' ``CLIPTokenizer`` from a tokenizer folder, a pipeline folder (reads
     ``subfolder``; SDXL's second one is ``"tokenizer_2"``) or a cached repo id. Local
     files only."""
-    from transformers import CLIPTokenizer
-
+    CLIPTokenizer = quiet_transformers().CLIPTokenizer
     folder = _tokenizer_folder(path, subfolder)
     try:
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -471,12 +490,13 @@ def load_tokenizer(path, subfolder: str = "tokenizer"):
         raise CheckpointError(f"could not read the tokenizer in {folder}: {e}") from e
 
 
-def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int | None = None
-             ) -> np.ndarray:
+def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int | None = None,
+             labels: Sequence[str] | None = None, warn: bool = True) -> np.ndarray:
     """Token ids ``int32 [batch, max_length]`` as Stable Diffusion pipelines make them:
     BOS, the prompt, EOS, then padding to ``max_length`` (default
     ``tokenizer.model_max_length``, 77 for CLIP). A longer prompt is truncated (keeping
-    EOS last) with a warning that quotes the part that was cut."""
+    EOS last) with a one-line warning naming it (``labels[i]``, default ``"prompt
+    {i + 1}"``), its token count and where it was cut; ``warn=False`` skips it."""
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -491,12 +511,14 @@ def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int | None = N
         raise ValueError(f"max_length must be an integer >= 2 (room for BOS and EOS), "
                          f"got {max_length!r}")
     full = tokenizer(prompts, padding=False, truncation=False, verbose=False).input_ids
-    for i, ids in enumerate(full):
+    for i, ids in enumerate(full if warn else ()):
         if len(ids) > max_length:
-            cut = tokenizer.decode(ids[max_length - 1:-1], skip_special_tokens=True)
+            cut = tokenizer.decode(ids[max_length - 1:-1], skip_special_tokens=True).strip()
+            cut = cut if len(cut) <= 30 else cut[:30].rstrip() + "..."
+            label = labels[i] if labels is not None else f"prompt {i + 1}"
             warnings.warn(
-                f"prompt {i} has {len(ids)} tokens but the text encoder takes {max_length}; "
-                f"it was truncated and this part was cut: {cut!r}", stacklevel=2)
+                f"{label} has {len(ids)} tokens, the text encoder reads {max_length}: cut "
+                f"before {cut!r} ({len(ids) - max_length} tokens dropped)", stacklevel=2)
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                     return_tensors="np").input_ids
     return np.asarray(ids, dtype=np.int32)

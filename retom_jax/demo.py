@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from .clip import TextEncoder, TextEncoderConfig, build_text_encoder
+from .clip import TextEncoder, TextEncoderConfig, build_text_encoder, quiet_transformers
 from .pipeline import StableDiffusionPipeline
 from .schedulers import from_config as scheduler_from_config
 from .unet import UNet, UNet2DConditionModel, UNetConfig
@@ -83,8 +83,7 @@ def demo_tokenizer(model_max_length: int = 77):
     """A CLIP tokenizer over the small demo vocabulary (unknown characters become
     ``<|endoftext|>``, as in CLIP). Its files are written to a temporary folder, read,
     and the folder is removed."""
-    from transformers import CLIPTokenizer
-
+    CLIPTokenizer = quiet_transformers().CLIPTokenizer
     vocab, merges = bpe_vocab(_WORDS)
     with tempfile.TemporaryDirectory(prefix="retom-jax-demo-") as tmp:
         tmp = Path(tmp)

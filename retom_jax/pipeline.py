@@ -48,6 +48,7 @@ import numpy as np
 
 from . import features, weights
 from .clip import load_text_encoder, load_tokenizer, tokenize
+from .memory import check_fits
 from .merge import loop_segments
 from .schedulers import from_config as scheduler_from_config
 from .unet import load_unet
@@ -122,10 +123,7 @@ def _as_key(seed, key):
     if key is not None and seed is not None:
         raise ValueError("pass either seed or key, not both")
     if key is None:
-        seed = 0 if seed is None else seed
-        if not _is_int(seed):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        return jax.random.key(int(seed) % (2 ** 32))
+        return seed_key(0 if seed is None else seed)
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.shape != ():
             raise ValueError(f"key must be a single PRNG key, got shape {key.shape}")
@@ -134,6 +132,26 @@ def _as_key(seed, key):
     if arr.dtype == np.uint32 and arr.shape == (2,):  # a raw jax.random.PRNGKey
         return jax.random.wrap_key_data(jnp.asarray(arr))
     raise ValueError(f"key must be a PRNG key from jax.random.key(seed), got {key!r}")
+
+
+SEED_LIMIT = 2 ** 128
+
+
+def seed_key(seed) -> jax.Array:
+    """The PRNG key of an integer seed in ``[0, 2**128)``, using every bit of it: the low
+    32 bits seed the key and each further 32-bit word (up to the highest non-zero one) is
+    folded in, so seeds below ``2**32`` keep their keys and no two seeds share one."""
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    seed = int(seed)
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**128), got {seed}")
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    seed >>= 32
+    while seed:
+        key = jax.random.fold_in(key, seed & 0xFFFFFFFF)
+        seed >>= 32
+    return key
 
 
 def _signature(tree):
@@ -261,8 +279,16 @@ class _Pipeline:
             compiled = self._jits[name].lower(static, *args).compile()
             self._compile_clock += time.perf_counter() - t0
             self.compile_count += 1
+            if isinstance(static, SampleConfig):  # refused before it runs out of memory
+                self._check_fits(static, compiled)
             self._compiled[sig] = compiled
         return compiled
+
+    def _check_fits(self, static: SampleConfig, compiled):
+        f = self.vae_scale_factor
+        leaf = jax.tree_util.tree_leaves(self.unet.params)[0]
+        check_fits(compiled, next(iter(leaf.devices())), batch=static.batch,
+                   height=static.latent_hw[0] * f, width=static.latent_hw[1] * f, multiple=f)
 
     def _run(self, name, static, *args):
         return self._executable(name, static, *args)(*args)
@@ -622,17 +648,25 @@ class _Pipeline:
     def compile(self, prompt="", negative_prompt=None, num_inference_steps: int = 50,
                 guidance_scale: float = 7.5, height: int | None = None,
                 width: int | None = None, num_images_per_prompt: int = 1,
-                output_type: str = "pil", merge=None, **options) -> float:
+                output_type: str = "pil", merge=None, progress: bool = False,
+                **options) -> float:
         """Compile the sampling program for these options without sampling; returns the
         seconds spent compiling (0.0 when it was compiled already). A later call with the
         same options (the same number of prompts, images per prompt, steps, size, whether
         guidance is on, output type and merge config) runs it at once, whatever the prompt
-        text, seed or guidance value. The text encoder does run, to shape its output."""
+        text, seed or guidance value. The text encoder does run, to shape its output.
+        ``progress=True`` compiles what ``progress=True`` calls run (one program per step
+        kind, the decoder) instead of the fused loop."""
         self._compile_clock = 0.0
         static, args = self._prepare(prompt, negative_prompt, num_inference_steps,
                                      guidance_scale, height, width, num_images_per_prompt,
                                      None, None, None, output_type, merge, None, options)
-        self._executable("sample", static, *args)
+        if progress:
+            params, cond, latents, state, key, g = args
+            carry = self._run("start", static, cond, latents, state)
+            self._step_programs(static, params, cond, carry, key, g)
+        else:
+            self._executable("sample", static, *args)
         return self._compile_clock
 
     def _prepare(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height,
@@ -683,6 +717,9 @@ class _Pipeline:
         if image is not None:
             extra["start"] = features.img2img_start(int(num_inference_steps),
                                                     options["strength"])
+        skipped = extra.get("start", 0)  # img2img starts into the schedule
+        _check_merge_steps(merge, int(state.timesteps.shape[0]) - skipped,
+                           int(num_inference_steps) - skipped)
         static = SampleConfig(self.scheduler, int(num_inference_steps), batch, latent_hw,
                               guidance, merge, output_type != "latent", **extra)
 
@@ -701,20 +738,34 @@ class _Pipeline:
         params = {"unet": self.unet.params, "vae": self.vae.params}
         return static, (params, cond, latents, state, key, g)
 
+    def _step_programs(self, static, params, cond, carry, key, g):
+        """The compiled step program of each step (one per window layout) and the decoder,
+        all compiled before the loop starts (so a progress bar times sampling only)."""
+        programs, previous = [], _merge_at(static.merge, 0)
+        for i in range(int(carry[1].timesteps.shape[0]) - (static.start or 0)):
+            merge = _merge_at(static.merge, i)
+            carry, previous = self._fit_cache(static, merge, previous, cond, carry), merge
+            programs.append(self._executable("step", dataclasses.replace(static, merge=merge),
+                                             params, cond, jnp.zeros((), jnp.int32), carry,
+                                             key, g))
+        self._executable("finish", static, params, carry[0])
+        return programs
+
     def _interactive(self, static, params, cond, latents, state, key, g, progress, callback):
         carry = self._run("start", static, cond, latents, state)
-        total = int(state.timesteps.shape[0]) - (static.start or 0)
-        bar = _Bar(total, "denoising") if progress else None
+        programs = self._step_programs(static, params, cond, carry, key, g)
+        # The bar counts the steps that run (as asked; img2img skips the first ones);
+        # PLMS's extra first UNet call is part of the first step's tick.
+        steps = static.num_inference_steps - (static.start or 0)
+        extra = len(programs) - steps
+        bar = _Bar(steps, "denoising") if progress else None
         previous = _merge_at(static.merge, 0)
         try:
-            for i in range(total):
+            for i, step in enumerate(programs):
                 merge = _merge_at(static.merge, i)
                 carry, previous = self._fit_cache(static, merge, previous, cond, carry), merge
-                step_static = dataclasses.replace(static, merge=merge)
-                step = self._executable("step", step_static, params, cond,
-                                        jnp.zeros((), jnp.int32), carry, key, g)
                 carry = step(params, cond, jnp.asarray(i, jnp.int32), carry, key, g)
-                if bar is not None:
+                if bar is not None and i >= extra:
                     jax.block_until_ready(carry[0])
                     bar.update()
                 if callback is not None:
@@ -746,7 +797,8 @@ class StableDiffusionPipeline(_Pipeline):
 
     def _tokenize(self, prompts, negatives, guidance, zero_negative, options=None):
         rows = prompts if not guidance else negatives + prompts
-        return {"ids": tokenize(self.tokenizer, rows)}
+        return {"ids": tokenize(self.tokenizer, rows,
+                                labels=_row_labels(prompts, negatives, guidance, False))}
 
     def _clip_skip_limit(self) -> int:
         return self.text_encoder.config.num_hidden_layers
@@ -843,7 +895,12 @@ class StableDiffusionXLPipeline(_Pipeline):
         both = not guidance or zero_negative
         rows = prompts if both else negatives + prompts
         rows_2 = prompts_2 if both else negatives_2 + prompts_2
-        return {"ids": tokenize(self.tokenizer, rows), "ids_2": tokenize(self.tokenizer_2, rows_2)}
+        labels = _row_labels(prompts, negatives, guidance, zero_negative)
+        # With the same rows both tokenizers cut alike (same length, checked): one warning.
+        labels_2 = [label.replace("prompt", "prompt_2", 1) for label in labels]
+        return {"ids": tokenize(self.tokenizer, rows, labels=labels),
+                "ids_2": tokenize(self.tokenizer_2, rows_2, labels=labels_2,
+                                  warn=rows_2 != rows)}
 
     def _encode(self, static: EncodeConfig, params, ids):
         o1 = self.text_encoder.apply(params["text_encoder"], ids["ids"])
@@ -880,9 +937,36 @@ def _per_prompt(value, name, count):
     return values
 
 
+def _row_labels(prompts, negatives, guidance, zero_negative):
+    """What the user calls each tokenized row (counted from 1, as given)."""
+    labels = [f"prompt {i + 1}" for i in range(len(prompts))]
+    if not guidance or zero_negative:
+        return labels
+    return [f"negative prompt {i + 1}" for i in range(len(negatives))] + labels
+
+
 def _merge_at(merge, step):
     """``merge`` as it runs at ``step``: a ReToM window schedule resolved, others as is."""
     return merge.at_step(step) if hasattr(merge, "at_step") else merge
+
+
+def _check_merge_steps(merge, calls: int, steps: int):
+    """ReToM step options that would never take effect in a loop of ``calls`` UNet calls
+    (``steps`` asked for; PLMS makes one call more) are errors, not silently ignored."""
+    if not hasattr(merge, "cache_step"):
+        return
+    last = calls - 1
+    loop = (f"{steps} steps run UNet calls 0-{last}" if calls == steps else
+            f"{steps} steps run {calls} UNet calls, 0-{last}")
+    if merge.cache_step is not None and merge.cache_step >= last:
+        raise ValueError(
+            f"ReToM cache_step={merge.cache_step} is never used: {loop}, and the cached "
+            f"representatives are reused only by calls after cache_step (use a cache_step "
+            f"below {last}, or none)")
+    late = [s for s, _ in merge.schedule if s > last]
+    if late:
+        raise ValueError(f"ReToM's window schedule changes at step {late[0]}, which never "
+                         f"comes: {loop}")
 
 
 def _check_tokenizer(tokenizer, encoder, name):
@@ -936,6 +1020,8 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
     ``"dpm++2m_karras"``, built from the folder's scheduler config) or a scheduler object.
     ``variant="fp16"`` reads the ``.fp16`` weight files. ``lora``: LoRA files fused into
     the weights at load, each a path (scale 1), ``"file:0.7"`` or ``(path, scale)``.
+    ``"demo"`` is the built-in demo model (``demo.build_demo_pipeline``; a folder named
+    demo is ``"./demo"``).
     """
     from .lora import parse_lora_spec
 
@@ -946,6 +1032,16 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
         if not Path(file).is_file():
             raise CheckpointError(f"LoRA file not found: {file}")
     dtype = weights.parse_dtype(dtype)
+    if str(path_or_repo_id) == "demo":
+        if param_dtype is not None or variant is not None:
+            raise ValueError("param_dtype and variant apply to checkpoint folders, not to "
+                             "the demo model")
+        from .demo import build_demo_pipeline
+
+        pipe = build_demo_pipeline(dtype, scheduler=scheduler, attention=attention)
+        for file, scale in loras:
+            pipe.load_lora(file, scale)
+        return pipe
     root = pipeline_folder(path_or_repo_id)
     index = read_model_index(root)
     cls_name = index.get("_class_name")

@@ -41,6 +41,57 @@ _OFF = {
 }
 
 
+def _is_pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check_fields(cfg: dict):
+    """The types and ranges of the fields that shape the model (ValueError naming the
+    field), so that a malformed config.json fails here and not deep in the model."""
+    def fail(name, what):
+        raise ValueError(f"UNet config: {name} must be {what}, got {cfg[name]!r}")
+
+    def ints(name, one_ok=True):  # a positive int, or a list of them
+        if name not in cfg:
+            return
+        v = cfg[name]
+        if one_ok and _is_pos_int(v):
+            return
+        if not (isinstance(v, (list, tuple)) and v and all(_is_pos_int(x) for x in v)):
+            fail(name, ("a positive integer or " if one_ok else "")
+                 + "a non-empty list of positive integers")
+
+    for name in ("in_channels", "out_channels", "norm_num_groups", "conv_in_kernel",
+                 "conv_out_kernel"):
+        if name in cfg and not _is_pos_int(cfg[name]):
+            fail(name, "a positive integer")
+    ints("block_out_channels", one_ok=False)
+    for name in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim",
+                 "num_attention_heads", "attention_head_dim"):
+        if cfg.get(name) is not None:
+            ints(name)
+    for name in ("down_block_types", "up_block_types"):
+        v = cfg.get(name)
+        if name in cfg and not (isinstance(v, (list, tuple)) and v and all(isinstance(t, str) for t in v)):
+            fail(name, "a non-empty list of block names")
+    channels = cfg.get("block_out_channels", list(UNetConfig.block_out_channels))
+    for name in ("down_block_types", "up_block_types"):
+        n = len(cfg.get(name, getattr(UNetConfig, name)))
+        if n != len(channels):
+            raise ValueError(f"UNet config: {name} has {n} entries but block_out_channels "
+                             f"has {len(channels)}")
+    groups = cfg.get("norm_num_groups", 32)
+    bad = [c for c in channels if c % groups]
+    if bad:
+        raise ValueError(f"UNet config: norm_num_groups={groups} does not divide "
+                         f"block_out_channels {bad}")
+    size = cfg.get("sample_size")
+    if size is not None and not _is_pos_int(size) and not (
+            isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_pos_int(x) for x in size)):
+        fail("sample_size", "a positive integer (latent pixels), a [height, width] pair "
+                            "or null")
+
+
 def _per_level(value, n, name):
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -83,6 +134,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "UNetConfig":
+        _check_fields(cfg)
         for key, off in _OFF.items():
             if cfg.get(key, off[0]) not in off:
                 raise ValueError(f"UNet config: {key}={cfg[key]!r} is not supported "
@@ -471,6 +523,7 @@ class UNet:
                 raise ValueError(f"added_cond_kwargs['time_ids'] must be [{b}, n], got {tuple(ti.shape)}")
         if merge is not None:
             self.check_merge(merge, (h, w), key=key, merge_state=merge_state)
+            _check_cache_state(merge, merge_state)
 
     def check_merge(self, merge, latent_hw, key=None, merge_state=None):
         """Raise ValueError if ``merge`` cannot run on this UNet at this latent size."""
@@ -521,6 +574,8 @@ class UNet:
         selection is reused; True/False fixes it at trace time, so that a loop split at
         ``cache_step`` compiles the steps after it without the fresh selection work.
         """
+        if not _want_state:
+            _check_cache_state(merge, merge_state)
         model = nnx.merge(self.graphdef, params)
         x = jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype)
         ctx = None
@@ -546,6 +601,17 @@ class UNet:
                             attention=attention, reuse=reuse)
 
 
+def _check_cache_state(merge, merge_state):
+    """``ReToM(cache_step=k)`` without ``merge_state`` would select afresh at every call
+    and silently drop the caching it asks for: an error instead."""
+    step = getattr(merge, "cache_step", None)
+    if step is not None and merge_state is None:
+        raise ValueError(
+            f"ReToM(cache_step={step}) reuses representatives across calls through "
+            f"merge_state: pass merge_state=unet.init_merge_state(...) and feed each "
+            f"returned state to the next call (or drop cache_step)")
+
+
 def load_unet(path_or_repo_id, dtype=jnp.float32, param_dtype=None, *, subfolder="unet",
               variant=None, attention="auto") -> UNet:
     """Load a diffusers ``UNet2DConditionModel`` folder (or a pipeline folder's ``unet/``,
@@ -563,7 +629,11 @@ def load_unet(path_or_repo_id, dtype=jnp.float32, param_dtype=None, *, subfolder
     if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise weights.CheckpointError(
             f"{folder}/config.json describes a {raw['_class_name']}, not a UNet2DConditionModel")
-    config = UNetConfig.from_dict(raw)
+    try:
+        config = UNetConfig.from_dict(raw)
+    except (ValueError, TypeError) as e:
+        message = str(e).removeprefix("UNet config: ")
+        raise weights.CheckpointError(f"{folder / 'config.json'}: {message}") from None
     module = weights.abstract_module(lambda rngs: UNet2DConditionModel(
         config, attention=attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
     state = weights.read_state_dict(folder, "diffusion_pytorch_model", variant)

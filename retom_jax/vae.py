@@ -447,7 +447,11 @@ def load_vae(path, dtype=jnp.float32, param_dtype=None, subfolder: str | None = 
         raise ValueError(f"force_upcast must be None, True or False, got {force_upcast!r}")
     check_implementation(attention)
     folder = resolve_folder(path, subfolder)
-    config = VAEConfig.from_dict(read_config(folder))
+    raw = read_config(folder)
+    try:
+        config = VAEConfig.from_dict(raw)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
     upcast_wanted = config.force_upcast if force_upcast is None else force_upcast
     upcast = bool(upcast_wanted) and requested == jnp.dtype(jnp.float16)
     compute = jnp.dtype(jnp.float32) if upcast else requested

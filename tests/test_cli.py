@@ -40,7 +40,7 @@ def test_demo_end_to_end(tmp_path, capsys):
                  "--merge", "retom", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "random weights" in text and "noise" in text
-    assert re.search(r"compile time: \d+\.\d+ s", text)
+    assert re.search(r"compiling \.\.\..*\ncompiled in \d+\.\d+ s", text)
     assert float(re.search(r"time per image: (\d+\.\d+) s", text).group(1)) > 0
     assert f"saved {out}" in text
     image = Image.open(out)
@@ -112,4 +112,6 @@ def test_bad_arguments(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2
-    assert re.search(message, capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert re.search(message, err)
+    assert err.startswith("retom-jax: error: ") and err.count("\n") == 1  # no usage block
