@@ -967,6 +967,12 @@ def _check_merge_steps(merge, calls: int, steps: int):
     if late:
         raise ValueError(f"ReToM's window schedule changes at step {late[0]}, which never "
                          f"comes: {loop}")
+    previous = merge.window
+    for step, window in merge.schedule:
+        if window == previous:
+            raise ValueError(f"ReToM's window schedule changes nothing at step {step}: the "
+                             f"window in force there is already {window}")
+        previous = window
 
 
 def _check_tokenizer(tokenizer, encoder, name):

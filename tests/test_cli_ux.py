@@ -53,10 +53,11 @@ def events(monkeypatch, demo):
 
     def executable(self, name, static, *args):
         before = self.compile_count
-        out = real_exec(self, name, static, *args)
-        if self.compile_count > before:
-            log.append(("compile", name))
-        return out
+        try:
+            return real_exec(self, name, static, *args)
+        finally:
+            if self.compile_count > before:
+                log.append(("compile", name))
 
     class Bar(retom_jax.pipeline._Bar):
         def __init__(self, total, desc):
@@ -183,12 +184,14 @@ def test_options_of_another_merge(extra, message, events, capsys):
                                             r"calls, 0-5.*use a cache_step below 5"),
     (["--steps", "5", "--window-schedule", "6:4x4"], "schedule changes at step 6, which never "
                                                      "comes: 5 steps run 6 UNet calls"),
+    (["--window-schedule", "2:4x4", "3:4x4"], r"schedule changes nothing at step 3: the window "
+                                              r"in force there is already \(4, 4\)"),
 ])
 def test_retom_steps_that_never_come(extra, message, events, capsys):
     fails(capsys, DEMO + ["--merge", "retom"] + extra, message)
     assert [e[0] for e in events] == ["load"]  # nothing compiled
     # the last values that do take effect pass (PLMS: 6 UNet calls for 5 steps)
-    for merge in (ReToM(cache_step=4), ReToM(schedule={5: (2, 2)})):
+    for merge in (ReToM(cache_step=4), ReToM(schedule={5: (4, 4)})):
         retom_jax.pipeline._check_merge_steps(merge, 6, 5)
 
 
@@ -334,15 +337,16 @@ def test_one_line_errors(capsys, events, tmp_path):
 # -- 11. a program larger than the memory is refused before it runs -----------------------
 
 def test_memory_check(events, capsys, monkeypatch, demo):
-    """The demo at 512x512 needs about 1.5 GB to sample (attention over 4096 tokens);
-    with 100 MiB free it is refused, with sizes that fit, and nothing runs."""
-    monkeypatch.setattr(retom_jax.memory, "available_bytes", lambda device: 100 * 2 ** 20)
+    """With 1 MiB of free memory the demo's sampling program (about 7 MB of XLA
+    temporaries at 128x128) is refused after compiling, with what fits, and never runs."""
+    monkeypatch.setattr(retom_jax.memory, "available_bytes", lambda device: 2 ** 20)
     calls = []
     monkeypatch.setattr(type(demo), "__call__", lambda *a, **k: calls.append(a))
-    fails(capsys, DEMO + ["--height", "512", "--width", "512", "--num-images", "2"],
-          r"2 image\(s\) at 512x512 need \d+\.\d GiB to sample but the CPU has 100\.0 MiB "
-          r"of free RAM: at most \d+x\d+ fits for 2 image\(s\)")
+    fails(capsys, DEMO + ["--steps", "2", "--num-images", "2"],
+          r"2 image\(s\) at 128x128 need \d+\.\d MiB to sample but the CPU has 1\.0 MiB "
+          r"of free RAM: (at most \d+x\d+|no size) fits for 2 image\(s\)")
     assert calls == []  # compiled (to know its size), never run
+    assert ("compile", "sample") in events
 
 
 def test_memory_message_sizes(monkeypatch):
@@ -368,3 +372,40 @@ def test_memory_message_sizes(monkeypatch):
         "memory: at most 624x464 fits for 4 image(s), or 1 image(s) at 1024x768")
     monkeypatch.setenv("RETOM_JAX_MEMORY_CHECK", "0")
     retom_jax.memory.check_fits(Compiled(), Device(), batch=4, height=1024, width=768)
+
+
+# -- 7. the demo model saved as a diffusers folder -----------------------------------------
+
+def test_save_demo_pipeline(demo, tmp_path):
+    """save_pipeline writes a folder that load_pipeline reads back unchanged and that
+    diffusers loads: its UNet and text encoder give what ours give (fp32)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from retom_jax.save import save_pipeline
+
+    folder = save_pipeline(demo, tmp_path / "demo-sd")
+    back = load_pipeline(folder)
+    for a, b in zip(jax.tree.leaves((demo.unet.params, demo.vae.params,
+                                     demo.text_encoder.params)),
+                    jax.tree.leaves((back.unet.params, back.vae.params,
+                                     back.text_encoder.params))):
+        np.testing.assert_array_equal(a, b)
+    assert back.scheduler == demo.scheduler
+    ids = retom_jax.tokenize(back.tokenizer, ["a photo of the cat"])
+    np.testing.assert_array_equal(ids, retom_jax.tokenize(demo.tokenizer, ["a photo of the cat"]))
+
+    rng = np.random.RandomState(0)
+    x, ehs = rng.randn(2, 4, 16, 16).astype(np.float32), rng.randn(2, 77, 32).astype(np.float32)
+    with torch.no_grad():
+        ref = UNet2DConditionModel.from_pretrained(folder / "unet")(
+            torch.from_numpy(x), 500, torch.from_numpy(ehs)).sample.numpy()
+        ref_text = CLIPTextModel.from_pretrained(folder / "text_encoder")(
+            torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+    ours = np.asarray(demo.unet(x, 500, ehs))
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-5
+    ours_text = np.asarray(demo.text_encoder(ids).last_hidden_state)
+    assert np.linalg.norm(ours_text - ref_text) / np.linalg.norm(ref_text) < 1e-5
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        save_pipeline(demo, folder)
