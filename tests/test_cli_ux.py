@@ -195,11 +195,11 @@ def test_retom_steps_that_never_come(extra, message, events, capsys):
         retom_jax.pipeline._check_merge_steps(merge, 6, 5)
 
 
-def test_unet_cache_step_needs_merge_state(demo):
+def test_unet_cache_step_needs_merge_state(demo, monkeypatch):
     unet = demo.unet
     x, ehs = jnp.zeros((1, 4, 16, 16)), jnp.zeros((1, 77, 32))
     compiled = []
-    unet._jitted = lambda *a, **k: compiled.append(1)
+    monkeypatch.setattr(unet, "_jitted", lambda *a, **k: compiled.append(1))
     message = r"ReToM\(cache_step=10\) reuses representatives across calls through merge_state"
     with pytest.raises(ValueError, match=message):
         unet(x, 1.0, ehs, merge=ReToM(cache_step=10))
@@ -207,7 +207,6 @@ def test_unet_cache_step_needs_merge_state(demo):
         jax.jit(unet.apply, static_argnames="merge")(unet.params, x, 1.0, ehs,
                                                      merge=ReToM(cache_step=10))
     assert compiled == []
-    del unet._jitted
 
 
 # -- 5. --out is checked before anything loads -------------------------------------------
