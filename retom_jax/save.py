@@ -81,7 +81,7 @@ def scheduler_config(scheduler) -> dict:
     out = {"_class_name": names[type(scheduler)]}
     out.update({k: _plain(v) for k, v in dataclasses.asdict(scheduler).items()})
     if out["_class_name"] == "PNDMScheduler":
-        out["skip_prk_steps"] = True
+        out.setdefault("skip_prk_steps", True)  # PLMS, unless the scheduler says otherwise
     return out
 
 
