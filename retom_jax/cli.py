@@ -34,7 +34,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (action.default in (None, False, argparse.SUPPRESS) or "default" in text
+        if (any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text
+                or action.default == [] or text.endswith(f"({action.default})")
                 or isinstance(action, (argparse._VersionAction, argparse._HelpAction))):
             return text
         return super()._get_help_string(action)
@@ -292,7 +293,12 @@ MERGE_OPTIONS = {"ratio": ("tome", "retom"), "window": ("tome", "retom"),
 
 
 def check_merge_options(args):
-    """ValueError for an option the chosen --merge method does not use."""
+    """ValueError for an option the chosen --merge method does not use (or a merge-map
+    option without --merge-map)."""
+    for name in ("merge_map_step", "merge_map_level"):
+        if getattr(args, name, None) is not None and not getattr(args, "merge_map", None):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} needs --merge-map FILE.png (it says where to take it)")
     for name, users in MERGE_OPTIONS.items():
         if getattr(args, name, None) is not None and args.merge not in users:
             flag = "--" + name.replace("_", "-")

@@ -173,6 +173,7 @@ def test_bad_seed_cli(seed, events, capsys):
     (["--merge", "todo", "--ratio", "0.3"], "--ratio is an option of --merge tome or retom"),
     (["--merge", "retom", "--todo-factor", "4"], "--todo-factor is an option of --merge todo"),
     (["--max-downsample", "2"], "--max-downsample is an option of --merge tome or retom or todo"),
+    (["--merge", "retom", "--merge-map-step", "3"], "--merge-map-step needs --merge-map"),
 ])
 def test_options_of_another_merge(extra, message, events, capsys):
     fails(capsys, DEMO + extra, message)
@@ -267,7 +268,7 @@ def test_help_and_version(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("denoising steps (default: 50)", "(default: 7.5)", "(default: retom-jax.png)",
                   "(default: none)", "tome, retom: share of tokens merged (default 0.5)",
-                  "last rows/columns stay unmerged"):
+                  "last rows/columns stay unmerged", "every bit of it counts (default: 0)"):
         assert shown in text, shown
 
     code, out, err = run_cli("--version")
