@@ -50,6 +50,7 @@ def test_notebook_runs_on_the_demo_model(tmp_path, monkeypatch):
     assert "demo model (random weights: noise)" in text
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     kinds = [k for o in outputs for k in o.get("data", {})]
-    assert kinds.count("image/png") >= 2  # the side-by-side images and the sweep plot
+    # the side-by-side images, img2img, the sweep plot and the merge map
+    assert kinds.count("image/png") >= 4
     table = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
     assert len(table) == 1 and "| ReToM 0.5 |" in table[0] and "| ToDo 2x2 |" in table[0]
