@@ -11,6 +11,7 @@ from .merge import ReToM, ToDo, ToMe, loop_segments
 from .pipeline import (PipelineOutput, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        load_pipeline)
 from .save import save_pipeline
+from .sharding import initialize_distributed, make_mesh
 from .schedulers import (DDIM, PNDM, DPMSolverMultistep, Euler, EulerAncestral,
                          load_scheduler)
 from .schedulers import from_config as scheduler_from_config

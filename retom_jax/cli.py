@@ -175,7 +175,17 @@ def feature_options(args) -> dict:
 
 
 BENCH_SCRIPTS = {"unet": "unet_speed", "merge": "merge_overhead", "pipeline": "pipeline_speed",
-                 "torch": "torch_unet_speed", "report": "report", "plot": "plot"}
+                 "torch": "torch_unet_speed", "report": "report", "plot": "plot",
+                 "scaling": "scaling"}
+
+
+def _mesh(text):
+    from .sharding import parse_mesh
+
+    try:
+        return parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def bench(args, parser) -> int:
@@ -267,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.mergemap import add_merge_map_arguments  # --merge-map (retom_jax/eval/mergemap.py)
     add_merge_map_arguments(g)
     add_feature_arguments(g)
+    g.add_argument("--mesh", type=_mesh, default=None, metavar="AXIS=N,...",
+                   help="run on a device mesh, e.g. data=4,fsdp=2 or spatial=2 (axes data, "
+                        "fsdp, spatial; data takes the devices left unless given)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-host run first (jax.distributed; run the same command "
+                        "on every host; process 0 writes the images)")
     g.set_defaults(handler=generate, subparser=g)
 
     b = sub.add_parser(
@@ -414,14 +430,24 @@ def generate(args, parser) -> int:
     from .eval.mergemap import check_merge_map_args, save_merge_map_from_args
     check_merge_map_args(args, parser)
     t0 = time.perf_counter()
+    mesh = None
     try:
+        if args.distributed:
+            from .sharding import initialize_distributed
+
+            initialize_distributed()
+        if args.mesh is not None:
+            from .sharding import make_mesh
+
+            mesh = make_mesh(**{"data": -1, **args.mesh})
         if args.model == "demo":
             from .demo import DEMO_NOTICE
 
             print(DEMO_NOTICE)
         from . import pipeline
 
-        pipe = pipeline.load_pipeline(args.model, args.dtype, scheduler=args.scheduler)
+        pipe = pipeline.load_pipeline(args.model, args.dtype, scheduler=args.scheduler,
+                                      mesh=mesh)
     except (CheckpointError, ValueError) as e:
         parser.error(f"--model {args.model}: {e}" if isinstance(e, CheckpointError) else str(e))
     for file, scale in args.lora:
@@ -429,6 +455,8 @@ def generate(args, parser) -> int:
             pipe.load_lora(file, scale)
         except ValueError as e:
             parser.error(f"--lora {file}: {e}")
+    if mesh is not None and args.lora:  # the fused weights placed by the rules again
+        pipe.shard(mesh)
     print(f"loaded {type(pipe).__name__} in {time.perf_counter() - t0:.2f} s"
           + (f" with {len(args.lora)} LoRA file(s)" if args.lora else ""))
     options = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
@@ -444,7 +472,11 @@ def generate(args, parser) -> int:
         out = pipe(args.prompt, seed=args.seed, progress=args.progress, **options)
     except ValueError as e:
         parser.error(str(e))
-    for image, path in zip(out.images, paths):
+    import jax
+
+    if mesh is not None:
+        print(f"mesh {dict(mesh.shape)} over {mesh.size} devices")
+    for image, path in zip(out.images if jax.process_index() == 0 else [], paths):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         print(f"saved {path} ({image.width}x{image.height})")

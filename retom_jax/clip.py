@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from .attention import check_implementation, dot_product_attention
+from .sharding import param_placement
 from .layers import layer_norm, linear
 from .weights import (CheckpointError, abstract_module, cached_snapshot, load_params,
                       parse_dtype, read_config, read_state_dict, resolve_folder)
@@ -416,7 +417,7 @@ def build_text_encoder(config: TextEncoderConfig, *, dtype=jnp.float32, param_dt
 
 def load_text_encoder(path, dtype=jnp.float32, param_dtype=None,
                       subfolder: str = "text_encoder", *, variant: str | None = None,
-                      attention: str = "auto") -> TextEncoder:
+                      attention: str = "auto", mesh=None) -> TextEncoder:
     """Load a transformers CLIP text encoder checkpoint.
 
     ``path``: a transformers model folder (``config.json`` + ``model.safetensors``,
@@ -425,6 +426,7 @@ def load_text_encoder(path, dtype=jnp.float32, param_dtype=None,
     the local cache. ``dtype`` is the activation dtype, ``param_dtype`` (default: ``dtype``)
     the dtype the weights are stored in. The class (``CLIPTextModel`` or
     ``CLIPTextModelWithProjection``) comes from ``architectures`` in ``config.json``.
+    ``mesh``: place the parameters on it (``sharding.LOGICAL_AXIS_RULES``).
     """
     dtype = parse_dtype(dtype)
     param_dtype = dtype if param_dtype is None else parse_dtype(param_dtype)
@@ -434,8 +436,11 @@ def load_text_encoder(path, dtype=jnp.float32, param_dtype=None,
     state = _torch_layout_keys(read_state_dict(folder, "model", variant))
     module = abstract_module(lambda rngs: MODEL_CLASSES[config.architecture](
         config, attention=attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
-    graphdef, params = load_params(module, state, param_dtype, where=str(folder))
-    return TextEncoder(config, graphdef, params, dtype=dtype, param_dtype=param_dtype)
+    graphdef, params = load_params(module, state, param_dtype, where=str(folder),
+                                   placement=param_placement(mesh))
+    encoder = TextEncoder(config, graphdef, params, dtype=dtype, param_dtype=param_dtype)
+    encoder.mesh = mesh
+    return encoder
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import features, weights
+from . import features, sharding, weights
 from .clip import load_text_encoder, load_tokenizer, tokenize
 from .memory import check_fits
 from .merge import loop_segments
@@ -82,6 +82,9 @@ class SampleConfig:
     merge: Any = None
     decode: bool = True
     start: int | None = None  # img2img: the schedule index the loop starts at (None: txt2img)
+    # on a mesh: rows added to fill the batch shards, dropped from the output (not part of
+    # the program's identity: 3 or 4 images padded to 8 share one program)
+    pad: int = dataclasses.field(default=0, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +197,7 @@ class _Pipeline:
     """Shared sampling machinery; subclasses define the text conditioning."""
 
     _uses_latent_stats = False  # SDXL's decoder honours the VAE's latents_mean/latents_std
+    mesh = None  # a jax.sharding.Mesh: calls run sharded on it (see shard / sharding.py)
 
     def __init__(self, unet, vae, scheduler):
         self.unet, self.vae, self.scheduler = unet, vae, scheduler
@@ -244,6 +248,13 @@ class _Pipeline:
         return (f"{type(self).__name__}(dtype={jnp.dtype(self.dtype).name}, "
                 f"scheduler={type(self.scheduler).__name__}, default_size={self.default_size})")
 
+    def shard(self, mesh) -> "_Pipeline":
+        """Run on ``mesh`` (``make_mesh(...)``): parameters placed by the sharding rules,
+        the batch split over ``data`` x ``fsdp`` (padded to a multiple of it, the extra
+        images dropped), latent rows over ``spatial``. ``load_pipeline(mesh=)`` does this
+        while reading the weights."""
+        return sharding.shard_pipeline(self, mesh)
+
     def with_scheduler(self, scheduler) -> "_Pipeline":
         """The same models (shared, not copied) with another scheduler: a name such as
         ``"ddim"``, ``"euler"``, ``"dpm++2m"`` (built from this pipeline's scheduler config,
@@ -276,7 +287,10 @@ class _Pipeline:
         compiled = self._compiled.get(sig)
         if compiled is None:
             t0 = time.perf_counter()
-            compiled = self._jits[name].lower(static, *args).compile()
+            jitted = self._jits[name]
+            if self.mesh is not None and name == "sample":  # explicit in/out shardings
+                jitted = sharding.sample_jit(self._sample, self.mesh, args, static.decode)
+            compiled = jitted.lower(static, *args).compile()
             self._compile_clock += time.perf_counter() - t0
             self.compile_count += 1
             if isinstance(static, SampleConfig):  # refused before it runs out of memory
@@ -639,7 +653,7 @@ class _Pipeline:
             out = self._interactive(static, *args, progress, callback)
         else:
             out = self._run("sample", static, *args)
-        out = np.asarray(jax.block_until_ready(out))
+        out = sharding.to_host(jax.block_until_ready(out))[:static.batch - static.pad]
         if output_type == "pil":
             out = _to_pil(out)
         compile_s = self._compile_clock
@@ -710,6 +724,8 @@ class _Pipeline:
         shape = (batch, c) + latent_hw
         latents = self._check_latents(latents, shape)
         self._check_merge(merge, latent_hw)
+        if self.mesh is not None:
+            sharding.check_split(self.mesh, self.unet.config, latent_hw, merge, batch, guidance)
         key = _as_key(seed, key)
         # The scheduler validates the step count (Python errors, nothing compiled yet).
         state = self.scheduler.set_timesteps(int(num_inference_steps), shape, _F32)
@@ -736,6 +752,9 @@ class _Pipeline:
              "guidance_rescale": jnp.asarray(options["guidance_rescale"], _F32),
              "eta": jnp.asarray(options["eta"], _F32)}
         params = {"unet": self.unet.params, "vae": self.vae.params}
+        if self.mesh is not None:  # pad the batch, place every argument on the mesh
+            return sharding.place_sample_args(self, static, (params, cond, latents, state,
+                                                             key, g))
         return static, (params, cond, latents, state, key, g)
 
     def _step_programs(self, static, params, cond, carry, key, g):
@@ -1015,7 +1034,8 @@ def read_model_index(folder) -> dict:
 
 
 def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attention="auto",
-                  param_dtype=None, variant: str | None = None, lora=()):
+                  param_dtype=None, variant: str | None = None, lora=(),
+                  mesh=None):
     """Load a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` folder.
 
     ``path_or_repo_id``: a pipeline folder (with ``model_index.json``) or a repo id in the
@@ -1028,6 +1048,8 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
     the weights at load, each a path (scale 1), ``"file:0.7"`` or ``(path, scale)``.
     ``"demo"`` is the built-in demo model (``demo.build_demo_pipeline``; a folder named
     demo is ``"./demo"``).
+    ``mesh`` (``make_mesh(...)``): every parameter is read shard by shard onto the mesh
+    and calls run sharded on it (see ``_Pipeline.shard``).
     """
     from .lora import parse_lora_spec
 
@@ -1047,7 +1069,7 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
         pipe = build_demo_pipeline(dtype, scheduler=scheduler, attention=attention)
         for file, scale in loras:
             pipe.load_lora(file, scale)
-        return pipe
+        return pipe if mesh is None else pipe.shard(mesh)
     root = pipeline_folder(path_or_repo_id)
     index = read_model_index(root)
     cls_name = index.get("_class_name")
@@ -1068,7 +1090,7 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
     # The scheduler first: a bad name fails before any weights are read.
     sched_config = _read_scheduler_config(root) if (root / "scheduler").is_dir() else None
     sched = _make_scheduler(sched_config, scheduler)
-    common = dict(param_dtype=param_dtype, variant=variant, attention=attention)
+    common = dict(param_dtype=param_dtype, variant=variant, attention=attention, mesh=mesh)
     unet = load_unet(root / "unet", dtype, subfolder=None, **common)
     vae = load_vae(root / "vae", dtype, subfolder=None, **common)
     te = load_text_encoder(root / "text_encoder", dtype, subfolder=None, **common)
@@ -1083,6 +1105,10 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
     pipe.scheduler_config = sched_config
     for file, scale in loras:
         pipe.load_lora(file, scale)
+    if mesh is not None:
+        pipe.mesh = mesh
+        if loras:  # the fused weights placed by the rules again
+            sharding.shard_pipeline(pipe, mesh)
     return pipe
 
 

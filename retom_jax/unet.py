@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import weights
+from . import sharding, weights
 from .attention import check_implementation
 from .layers import (Attention, Downsample2D, FeedForward, ResnetBlock2D, TimestepEmbedding,
                      Upsample2D, conv, group_norm, layer_norm, linear, timestep_embedding)
@@ -444,8 +444,11 @@ class UNet2DConditionModel(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, sample, timesteps, context, text_embeds=None, time_ids=None,
-                 ctx: MergeContext | None = None, attention=None):
+                 ctx: MergeContext | None = None, attention=None, constrain=None):
+        """``constrain``: applied to the NHWC activations between blocks (a mesh's
+        ``with_sharding_constraint``, see ``sharding.activation_constraint``)."""
         cfg = self.config
+        constrain = constrain or _same
         b = sample.shape[0]
         t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (b,))
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
@@ -456,20 +459,21 @@ class UNet2DConditionModel(nnx.Module):
             add = jnp.concatenate([text_embeds.astype(jnp.float32), tids], axis=-1)
             emb = emb + self.add_embedding(add.astype(self.dtype))
 
-        x = self.conv_in(sample)
+        x = constrain(self.conv_in(constrain(sample)))
         skips = [x]
         for block in self.down_blocks:
             x, s = block(x, emb, context, ctx, attention)
+            x = constrain(x)
             skips.extend(s)
         if self.mid_block is not None:
-            x = self.mid_block(x, emb, context, ctx, attention)
+            x = constrain(self.mid_block(x, emb, context, ctx, attention))
         up_factor = 2 ** cfg.num_upsamplers
         odd = any(d % up_factor for d in sample.shape[1:3])
         for block in self.up_blocks:
             n = len(block.resnets)
             mine, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[1:3]) if (odd and skips) else None
-            x = block(x, mine, emb, context, ctx, attention, size)
+            x = constrain(block(x, mine, emb, context, ctx, attention, size))
         x = jax.nn.silu(self.conv_norm_out(x))
         return self.conv_out(x)
 
@@ -484,9 +488,10 @@ class UNet:
     ``apply`` with ``unet.params``. Arrays are NCHW like diffusers.
     """
 
-    def __init__(self, config: UNetConfig, graphdef, params, dtype, attention="auto"):
+    def __init__(self, config: UNetConfig, graphdef, params, dtype, attention="auto", mesh=None):
         self.config, self.graphdef, self.params = config, graphdef, params
         self.dtype = dtype
+        self.mesh = mesh  # a jax.sharding.Mesh: activations sharded (batch, rows) on it
         self.attention = check_implementation(attention)
         self._jitted = jax.jit(self.apply, static_argnames=("merge", "attention", "reuse"))
 
@@ -584,7 +589,7 @@ class UNet:
         added = added_cond_kwargs or {}
         out = model(x, timesteps, encoder_hidden_states.astype(self.dtype),
                     added.get("text_embeds"), added.get("time_ids"), ctx,
-                    attention or self.attention)
+                    attention or self.attention, sharding.activation_constraint(self.mesh))
         out = jnp.transpose(out, (0, 3, 1, 2))
         if merge_state is not None or _want_state:
             return out, ctx.new_state()
@@ -613,13 +618,15 @@ def _check_cache_state(merge, merge_state):
 
 
 def load_unet(path_or_repo_id, dtype=jnp.float32, param_dtype=None, *, subfolder="unet",
-              variant=None, attention="auto") -> UNet:
+              variant=None, attention="auto", mesh=None) -> UNet:
     """Load a diffusers ``UNet2DConditionModel`` folder (or a pipeline folder's ``unet/``,
     or a repo id in the local Hugging Face cache) into a Flax ``UNet``.
 
     ``dtype`` is the activation dtype, ``param_dtype`` the stored weights' dtype (defaults
     to ``dtype``). ``variant="fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``;
     without it the full-precision file is preferred and the fp16 one is used if alone.
+    ``mesh``: place the parameters on this ``jax.sharding.Mesh`` by
+    ``sharding.LOGICAL_AXIS_RULES``, each device's shard read from the file.
     """
     dtype = weights.parse_dtype(dtype)
     param_dtype = weights.parse_dtype(param_dtype or dtype)
@@ -637,8 +644,10 @@ def load_unet(path_or_repo_id, dtype=jnp.float32, param_dtype=None, *, subfolder
     module = weights.abstract_module(lambda rngs: UNet2DConditionModel(
         config, attention=attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
     state = weights.read_state_dict(folder, "diffusion_pytorch_model", variant)
-    graphdef, params = weights.load_params(module, state, param_dtype, where=str(folder))
-    return UNet(config, graphdef, params, dtype, attention)
+    graphdef, params = weights.load_params(
+        module, state, param_dtype, where=str(folder),
+        placement=sharding.param_placement(mesh))
+    return UNet(config, graphdef, params, dtype, attention, mesh)
 
 
 def init_unet(config: UNetConfig | dict, seed: int = 0, dtype=jnp.float32, param_dtype=None,

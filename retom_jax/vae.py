@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from .attention import check_implementation
+from .sharding import param_placement
 from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 from .weights import (CheckpointError, abstract_module, load_params, parse_dtype,
                       read_config, read_state_dict, resolve_folder)
@@ -429,7 +430,7 @@ def build_vae_module(config: VAEConfig, *, dtype=jnp.float32, param_dtype=jnp.fl
 
 def load_vae(path, dtype=jnp.float32, param_dtype=None, subfolder: str | None = "vae",
              variant: str | None = None, force_upcast: bool | None = None,
-             attention: str = "auto") -> VAE:
+             attention: str = "auto", mesh=None) -> VAE:
     """Load a diffusers ``AutoencoderKL``.
 
     ``path``: a VAE folder (``config.json`` + ``diffusion_pytorch_model[.variant]
@@ -441,6 +442,7 @@ def load_vae(path, dtype=jnp.float32, param_dtype=None, subfolder: str | None = 
     ``dtype`` is float16, the VAE computes (and by default stores weights) in float32, as
     diffusers' pipelines upcast it; ``force_upcast=False`` keeps float16,
     ``force_upcast=True`` upcasts even if the config does not ask for it.
+    ``mesh``: place the parameters on it (``sharding.LOGICAL_AXIS_RULES``).
     """
     requested = parse_dtype(dtype)
     if force_upcast is not None and not isinstance(force_upcast, bool):
@@ -460,6 +462,9 @@ def load_vae(path, dtype=jnp.float32, param_dtype=None, subfolder: str | None = 
     state = convert_legacy_keys(read_state_dict(folder, "diffusion_pytorch_model", variant))
     module = abstract_module(lambda rngs: AutoencoderKL(
         config, attention=attention, dtype=compute, param_dtype=pdtype, rngs=rngs))
-    graphdef, params = load_params(module, state, pdtype, where=str(folder))
-    return VAE(config, graphdef, params, dtype=compute, param_dtype=pdtype, upcast=upcast,
-               folder=folder)
+    graphdef, params = load_params(module, state, pdtype, where=str(folder),
+                                   placement=param_placement(mesh))
+    vae = VAE(config, graphdef, params, dtype=compute, param_dtype=pdtype, upcast=upcast,
+              folder=folder)
+    vae.mesh = mesh
+    return vae

@@ -262,11 +262,14 @@ def random_params(build: Callable[[KeySource], nnx.Module], dtype, seed: int = 0
 
 
 def load_params(module: nnx.Module, state_dict: dict[str, np.ndarray], param_dtype,
-                where: str = "checkpoint", key_map: Callable[[str], str] | None = None):
+                where: str = "checkpoint", key_map: Callable[[str], str] | None = None,
+                placement: Callable | None = None):
     """Fill an abstract module with PyTorch-layout weights.
 
     Returns ``(graphdef, params)``: ``params`` is the module's state as a pytree of arrays
     in ``param_dtype``; ``nnx.merge(graphdef, params)`` rebuilds the module.
+    ``placement(path, shape) -> Sharding`` (``sharding.param_placement(mesh)``) builds each
+    array shard by shard from the (memory-mapped) weights: each device reads only its part.
     """
     graphdef, abstract = nnx.split(module)
     flat = nnx.to_flat_state(abstract)
@@ -293,7 +296,12 @@ def load_params(module: nnx.Module, state_dict: dict[str, np.ndarray], param_dty
             problems.append(f"{key} has shape {list(state_dict[key].shape)} in the weights, "
                             f"the config implies {list(to_torch_shape(want, str(path[-1])))}")
             continue
-        pure[path] = jnp.asarray(array).astype(param_dtype)
+        if placement is not None:
+            pure[path] = jax.make_array_from_callback(
+                want, placement(path, want),
+                lambda idx, a=array: np.asarray(a[idx]).astype(param_dtype))
+        else:
+            pure[path] = jnp.asarray(array).astype(param_dtype)
     if problems:
         raise CheckpointError(f"the weights in {where} do not fit the model built from its "
                               f"config.json: " + "; ".join(problems))
