@@ -16,8 +16,9 @@ row, with ``--images-per-device`` images per batch shard:
 device_count=8``) every "device" shares the same cores: the figures are a smoke test of
 the machinery, not a speed.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/scaling.py --preset cpu --out results/scaling_cpu.json
-    python benchmarks/scaling.py --preset gpu --out results/scaling_sd15.json   # all GPUs / TPU chips
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python benchmarks/scaling.py --preset cpu --out results/scaling_cpu.json
+    python benchmarks/scaling.py --preset gpu --out results/scaling_sd15.json  # every chip
 """
 from __future__ import annotations
 

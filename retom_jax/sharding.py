@@ -20,6 +20,9 @@ partitioner inserts the collectives.
   guidance batch) over ``("data", "fsdp")`` and the latent rows over ``spatial``, and runs
   the whole sampling loop and the VAE decode as one jitted program whose input and output
   shardings are given explicitly.
+* Spatial sharding splits the latent rows; merge windows never straddle a shard
+  (:func:`check_split`), but ReToM / ToMe choose their merged tokens over the whole image,
+  so merging adds a few all-reduces per merged block (README, "Scaling across devices").
 """
 from __future__ import annotations
 
@@ -196,10 +199,12 @@ def param_spec(path, shape, mesh: Mesh, min_size: int | None = None) -> P:
     spec = [None] * len(shape)
     if int(np.prod(shape, dtype=np.int64)) < min_size:
         return P(*spec)
-    ranked = sorted((i for i, n in enumerate(names) if n is not None), key=lambda i: _ORDER[names[i]])
+    ranked = sorted((i for i, n in enumerate(names) if n is not None),
+                    key=lambda i: _ORDER[names[i]])
     for i in ranked:
         axis = _RULES[names[i]]
-        if isinstance(axis, str) and mesh.shape.get(axis, 1) > 1 and shape[i] % mesh.shape[axis] == 0:
+        size = mesh.shape.get(axis, 1) if isinstance(axis, str) else 1
+        if size > 1 and shape[i] % size == 0:
             spec[i] = axis
             break
     return P(*spec)

@@ -36,8 +36,8 @@ def main(folder, port, pid, out):
     held = [a for a in jax.tree.leaves(pipe.unet.params) if a.ndim >= 2 and a.size >= 256]
     info["fully_addressable_params"] = sum(a.is_fully_addressable for a in held)
     # the share of the large kernels' bytes this host holds (distinct shards of its devices)
-    mine = sum(len({str(s.index) for s in a.addressable_shards}) * a.addressable_shards[0].data.nbytes
-               for a in held)
+    mine = sum(len({str(s.index) for s in a.addressable_shards})
+               * a.addressable_shards[0].data.nbytes for a in held)
     info["host_fraction"] = round(mine / sum(a.nbytes for a in held), 3)
     if index == 0:
         np.save(Path(out) / "two_processes.npy", images)

@@ -173,9 +173,20 @@ def cli_run(folder, out):
     with contextlib.redirect_stdout(buf):
         code = cli.main(["generate", "--model", "demo", "--prompt", "a cat", "--steps", "1",
                          "--mesh", "data=4,fsdp=2", "--num-images", "8",
+                         "--height", "64", "--width", "64",
                          "--out", str(folder / "cli" / "img.png")])
     out.append({"cli": {"code": code, "files": sorted(p.name for p in (folder / "cli").iterdir()),
                         "stdout": buf.getvalue()}})
+
+
+def scaling_run(folder, out):
+    """benchmarks/scaling.py as a smoke test: one mesh, pipeline and UNet rows."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import scaling
+
+    scaling.main(["--preset", "cpu", "--no-sweep", "--meshes", "data=4,fsdp=2", "--size", "32",
+                  "--steps", "1", "--repeats", "1", "--out", str(folder / "scaling.json")])
+    out.append({"scaling": json.loads((folder / "scaling.json").read_text())})
 
 
 def main(path):
@@ -190,6 +201,7 @@ def main(path):
     parity(roots["sdxl"], "sdxl", SDXL_CASES, out)
     unet_programs(out)
     cli_run(folder, out)
+    scaling_run(folder, out)
     out.append({"folder": str(folder)})
     Path(path).write_text(json.dumps(out, indent=1))
 

@@ -207,6 +207,16 @@ def test_cli_mesh_on_eight_devices(report):
     assert "mesh {'data': 4, 'fsdp': 2, 'spatial': 1} over 8 devices" in cli["stdout"]
 
 
+def test_scaling_benchmark_smoke(report):
+    data = next(r["scaling"] for r in report if "scaling" in r)
+    assert data["meta"]["complete"] and data["meta"]["benchmark"] == "scaling"
+    (row,) = data["rows"]
+    assert row.get("error") is None, row
+    assert row["mesh"] == "data=4,fsdp=2" and row["devices"] == 8 and row["images"] == 8
+    assert row["images_per_s"] > 0 and row["compile_s"] > 0 and row["recompiles"] == 0
+    assert row["pipeline_memory"]["total_mb"] > 0 and row["unet"]["median_ms"] > 0
+
+
 def test_cli_mesh_errors(capsys):
     from retom_jax import cli
 
