@@ -484,7 +484,7 @@ def generate(args, parser) -> int:
     if note:
         print(note)
     if args.merge_map:  # generates the first image again through a probe (eval/mergemap.py)
-        save_merge_map_from_args(args, parser, pipe, merge)
+        save_merge_map_from_args(args, parser, pipe, merge, **feature_options(args))
     n = len(out.images)
     merge_text = "no merging" if merge is None else repr(merge)
     print(f"time per image: {out.run_seconds / n:.3f} s ({n} image(s), {args.steps} steps, "

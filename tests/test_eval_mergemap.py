@@ -86,6 +86,16 @@ def test_cli_merge_map(tmp_path, capsys):
     image, picture = np.asarray(Image.open(out)), np.asarray(Image.open(mm))
     # the left part of the map is the image the command saved (the probe changes nothing)
     assert np.array_equal(picture[:image.shape[0], :image.shape[1]], image)
+    # image-to-image: the probe runs with the same options (its image is the saved one), and
+    # its steps are those that run (strength 0.5 of 2 steps: one step, step 0)
+    edited = tmp_path / "edited.png"
+    assert main(["generate", "--model", "demo", "--prompt", "a dog", "--steps", "2",
+                 "--merge", "retom", "--init-image", str(out), "--strength", "0.5",
+                 "--out", str(edited), "--merge-map", str(mm)]) == 0
+    assert "saved merge map" in capsys.readouterr().out
+    image2, picture = np.asarray(Image.open(edited)), np.asarray(Image.open(mm))
+    assert not np.array_equal(image2, image)
+    assert np.array_equal(picture[:image2.shape[0], :image2.shape[1]], image2)
     for argv, message in ((["--merge", "todo"], "needs --merge tome or retom"),
                           (["--merge", "retom", "--merge-map-step", "9"], "outside the 2 steps")):
         with pytest.raises(SystemExit):

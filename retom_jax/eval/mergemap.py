@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..features import img2img_start
 from ..merge import ReToM, ToMe, _window_tables
 
 __all__ = ["MergeMap", "merge_map", "render_merge_map", "add_merge_map_arguments"]
@@ -197,10 +198,16 @@ def merge_map(pipe, prompt, *, merge, step: int | None = None, level: int | None
     one). ``kwargs`` go to the pipeline (``seed``, ``height``, ``negative_prompt`` ...)."""
     if not isinstance(merge, (ToMe, ReToM)):
         raise ValueError(f"a merge map needs ToMe or ReToM merging, got {merge!r}")
+    runs = num_inference_steps  # steps counted as the pipeline counts them (img2img: the
+    if kwargs.get("image") is not None:  # steps that run, from its start step on)
+        strength = kwargs.get("strength")
+        runs -= img2img_start(num_inference_steps,
+                              pipe._default_strength if strength is None else strength)
     if step is None:
-        step = num_inference_steps // 2
-    if not isinstance(step, int) or not 0 <= step < num_inference_steps:
-        raise ValueError(f"merge map step must be in [0, {num_inference_steps}), got {step!r}")
+        step = runs // 2
+    if not isinstance(step, int) or not 0 <= step < runs:
+        raise ValueError(f"merge map step must be in [0, {runs}) (the denoising steps this "
+                         f"generation runs), got {step!r}")
     if level is None:
         level = min(pipe.unet.config.attention_downsamples(), default=1)
     if not merge.applies(level) or level not in pipe.unet.config.attention_downsamples():
@@ -263,15 +270,16 @@ def check_merge_map_args(args, parser) -> None:
         parser.error(f"--merge-map-step {step} is outside the {args.steps} steps")
 
 
-def save_merge_map_from_args(args, parser, pipe, merge) -> None:
-    """Generate the first image again through the probe and save its merge map."""
+def save_merge_map_from_args(args, parser, pipe, merge, **options) -> None:
+    """Generate the first image again through the probe and save its merge map.
+    ``options``: the generation's other pipeline options (init image, strength, ...)."""
     try:
         result = merge_map(pipe, args.prompt, merge=merge, step=args.merge_map_step,
                            level=args.merge_map_level, block=args.merge_map_block,
                            num_inference_steps=args.steps, guidance_scale=args.guidance,
                            negative_prompt=args.negative_prompt, height=args.height,
                            width=args.width, seed=args.seed,
-                           num_images_per_prompt=args.num_images)
+                           num_images_per_prompt=args.num_images, **options)
     except ValueError as e:
         parser.error(str(e))
     path = Path(args.merge_map)
