@@ -122,3 +122,58 @@ def reference(pipe, prompt, latents, **kwargs):
     with torch.no_grad():
         out = pipe(prompt, latents=torch.from_numpy(latents), **kwargs).images
     return out.numpy() if hasattr(out, "numpy") else np.asarray(out)
+
+
+def save_sd2(folder: Path):
+    """A tiny SD 2.x-style pipeline (three UNet levels, linear projections, upcast
+    attention, per-level heads) with a v-prediction DDIM scheduler, saved in ``folder``;
+    returns the torch pipeline. Images: multiples of 8 pixels."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae(8), text_encoder=text_encoder(FAMILIES["sd2"]["cross_attention_dim"], 9),
+        tokenizer=make_tokenizer(), unet=torch_unet(FAMILIES["sd2"], seed=10),
+        scheduler=DDIMScheduler(**SD_SCHEDULER, prediction_type="v_prediction"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def with_torch_scheduler(torch_pipe, folder, cls, **extra):
+    """The torch pipeline with its scheduler switched as a diffusers user does it:
+    ``cls.from_config`` of the config saved in ``folder`` (options carry over)."""
+    from diffusers import DDIMScheduler
+
+    saved = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    new = type(torch_pipe)(**{**torch_pipe.components,
+                              "scheduler": cls.from_config(saved.config, **extra)},
+                           requires_safety_checker=False)
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
+def step_keys(key, i):
+    """``(scheduler key, merge key)`` of denoising step ``i`` in our pipeline's loop: the
+    loop key folded with the step index, then split."""
+    import jax
+
+    return jax.random.split(jax.random.fold_in(key, i))
+
+
+def feed_ancestral_noise(monkeypatch, key, shape):
+    """diffusers' Euler ancestral scheduler draws the noise our pipeline draws: step ``i``
+    gets ``normal(step_keys(key, i)[0], shape)``. Returns the list of steps drawn."""
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as module
+    import jax
+
+    steps = []
+
+    def randn_tensor(size, *args, **kwargs):
+        assert tuple(size) == tuple(shape), (size, shape)
+        z = jax.random.normal(step_keys(key, len(steps))[0], shape, np.float32)
+        steps.append(len(steps))
+        return torch.from_numpy(np.array(z))
+
+    monkeypatch.setattr(module, "randn_tensor", randn_tensor)
+    return steps

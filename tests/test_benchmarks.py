@@ -153,7 +153,7 @@ def test_torch_side_tiny(unet_results):
         assert r["framework"] == "torch" and r.get("error") is None and r["median_ms"] > 0
 
 
-def test_report_and_plot(unet_results, tmp_path, capsys):
+def test_report_and_plot(unet_results, tmp_path, capsys, monkeypatch):
     files = [str(p) for p in unet_results]
     assert report.main(files) == 0
     text = capsys.readouterr().out
@@ -161,13 +161,23 @@ def test_report_and_plot(unet_results, tmp_path, capsys):
     out_dir = tmp_path / "plots"
     assert plot.main([*files, "--out-dir", str(out_dir)]) == 0
     printed = capsys.readouterr().out
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert "matplotlib is not installed" in printed
-        return
+    # matplotlib is in the test extra: the plots are always drawn here
+    from PIL import Image
+
     pngs = sorted(p.name for p in out_dir.glob("*.png"))
     assert "speedup_sd15-tiny.png" in pngs and "ratio_sd15-tiny.png" in pngs
+    assert all(f"wrote {out_dir / name}" in printed for name in pngs)
+    for name in pngs:
+        with Image.open(out_dir / name) as im:
+            pixels = np.asarray(im.convert("RGB"))
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 200
+        colours = np.unique(pixels.reshape(-1, 3), axis=0)
+        assert len(colours) > 20, name  # axes, text and coloured lines, not a blank canvas
+
+    monkeypatch.setattr(plot, "_pyplot", lambda: None)  # without matplotlib: one line, no files
+    assert plot.main([*files, "--out-dir", str(tmp_path / "none")]) == 0
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "none").exists()
 
 
 def test_attention_memory_tiny(tmp_path):

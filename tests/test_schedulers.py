@@ -44,12 +44,17 @@ CASES = {
     "ddim-eps": (DDIM, {}, {}),
     "ddim-v-trailing-zsnr": (DDIM, SD2_FIXED, {}),
     "ddim-eta-clip": (DDIM, {"clip_sample": True, "timestep_spacing": "linspace"}, {"eta": 0.5}),
+    "ddim-sample": (DDIM, {"prediction_type": "sample"}, {}),
+    # x0 clipped to a non-default range, eps recomputed from the clipped x0, with eta noise
+    "ddim-cliprange-clipped-eps": (DDIM, {"clip_sample": True, "clip_sample_range": 0.7},
+                                   {"use_clipped_model_output": True, "eta": 0.3}),
     "plms-eps": (PNDM, {}, {}),
     "plms-v": (PNDM, V, {}),
     "plms-trailing": (PNDM, TRAILING, {}),
     "pndm-prk-eps": (PNDM, {"skip_prk_steps": False}, {}),
     "pndm-prk-v-trailing": (PNDM, {"skip_prk_steps": False, **V, **TRAILING}, {}),
     "euler-eps": (EULER, {}, {}),
+    "euler-sample": (EULER, {"prediction_type": "sample"}, {}),
     "euler-v-leading": (EULER, {**V, "timestep_spacing": "leading"}, {}),
     "euler-v-karras": (EULER, {**V, "use_karras_sigmas": True}, {}),
     "euler-v-trailing-zsnr": (EULER, SD2_FIXED, {}),
@@ -59,12 +64,19 @@ CASES = {
     "dpm-v": (DPM, V, {}),
     "dpm-karras": (DPM, {"use_karras_sigmas": True}, {}),
     "dpm-v-trailing-karras": (DPM, {**V, **TRAILING, "use_karras_sigmas": True}, {}),
+    "dpm-sample": (DPM, {"prediction_type": "sample"}, {}),
     "dpm-leading-heun-sigmamin": (
         DPM,
         {"timestep_spacing": "leading", "solver_type": "heun", "final_sigmas_type": "sigma_min"},
         {},
     ),
+    # final_sigmas_type="sigma_min" keeps the last step second order from 15 steps on
+    # (diffusers: lower_order_final only below 15 steps): 14 and 15 sit on either side.
+    "dpm-sigmamin-14": (DPM, {"final_sigmas_type": "sigma_min"}, {}),
+    "dpm-sigmamin-15": (DPM, {"final_sigmas_type": "sigma_min"}, {}),
 }
+# Trajectory lengths other than 10 steps.
+STEPS = {"dpm-leading-heun-sigmamin": 20, "dpm-sigmamin-14": 14, "dpm-sigmamin-15": 15}
 SHAPE = (2, 4, 6, 6)
 
 
@@ -177,7 +189,7 @@ def run_both(cfg, n, step_kwargs, seed=0, start=0, monkeypatch=None, ref_tables=
 def test_trajectory_matches_diffusers(case, monkeypatch):
     cls_name, changes, step_kwargs = CASES[case]
     cfg = config(cls_name, changes)
-    n = 20 if case == "dpm-leading-heun-sigmamin" else 10  # >= 15 steps: 2nd order at the end
+    n = STEPS.get(case, 10)  # >= 15 steps with sigma_min: 2nd order at the end
     zero_snr = bool(changes.get("rescale_betas_zero_snr"))
     # zero-SNR tables carry torch's inexact float32 sqrt (~4e-6 in sigma, see
     # test_alphas_cumprod_bitwise): looser end to end, strict with diffusers' own tables.
