@@ -25,7 +25,7 @@ from tests.pipeline_helpers import (feed_ancestral_noise, latents_for, reference
                                     save_sd2, save_sdxl, step_keys, with_torch_scheduler)
 from tests.util import assert_close, feed_tomesd_destinations, rel_err, swap_in_retom
 
-TOL = 2e-5  # float32 images: measured 0.4e-6 to 2e-6
+TOL = 2e-5  # float32 images: measured 0.4e-6 to 3e-6 (SD2 v-prediction the largest)
 BF16_TOL = 3e-2  # bfloat16 pipeline: measured 1.7e-2 to 2.0e-2
 PROMPTS = ["the cat", "a photo of a dog"]
 # The SD calls share one static configuration where they can (two prompts, 32x24 pixels,
