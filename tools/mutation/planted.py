@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # name: (file, old text, new text, tests that must fail). Every occurrence is replaced.
 BUGS = {
     "step-key": (
-        "retom_jax/pipeline.py",
-        "jax.random.split(jax.random.fold_in(key, i))",
-        "jax.random.split(key)",
+        "retom_jax/features.py",
+        "return jax.random.split(jax.random.fold_in(key, step))",
+        "return jax.random.split(key)",
         ["tests/test_pipeline.py::test_sd_euler_ancestral_matches_diffusers",
          "tests/test_pipeline.py::test_tome_random_matches_tomesd_in_the_pipeline"]),
     "tome-last-cell": (
