@@ -6,8 +6,8 @@
         --cache-step 5 --out retom_side_by_side.png
 
 ``--model`` takes a diffusers pipeline folder (SD 1.x/2.x or SDXL), a repo id already in
-the local Hugging Face cache, or ``demo`` (a tiny random model: both halves are noise, but
-the script runs end to end). Both images start from the same noise; the left one has no
+the local Hugging Face cache, or ``demo`` (the tiny built-in model trained on coloured
+shapes: try ``--prompt "a red circle on a blue background"``). Both images start from the same noise; the left one has no
 merging, the right one merges tokens with ReToM in the UNet's first attention level(s).
 """
 from __future__ import annotations
@@ -78,8 +78,6 @@ def main(argv=None) -> int:
         images.append(out.images[0])
     side_by_side(*images, labels=("no merging", f"ReToM ratio {args.ratio}")).save(args.out)
     print(f"saved {args.out}")
-    if args.model == "demo":
-        print("note: the demo model has random weights, so both halves are noise.")
     return 0
 
 

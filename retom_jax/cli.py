@@ -1,7 +1,8 @@
 """Command line: ``retom-jax generate --model PATH_OR_ID --prompt "..." [options]``.
 
-``--model demo`` runs a tiny built-in pipeline with random weights (its images are noise)
-so that the whole path can be tried without any download.
+``--model demo`` runs a tiny built-in pipeline trained on the package's own synthetic shapes
+("a red circle on a blue background"), so that the whole path can be tried without any
+download.
 """
 from __future__ import annotations
 
@@ -218,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate an image from a prompt", formatter_class=HelpFormatter,
         description="Generate images from a prompt. --model takes a diffusers pipeline folder "
                     "(StableDiffusionPipeline or StableDiffusionXLPipeline), a repo id already "
-                    "in the local Hugging Face cache, or 'demo' (tiny random model: noise). "
-                    "Nothing is ever downloaded. Options of a merge method other than the one "
+                    "in the local Hugging Face cache, or 'demo' (tiny model trained on coloured "
+                    "shapes). Nothing is ever downloaded. Options of a merge method other than the one "
                     "chosen with --merge are errors, not ignored.")
     g.add_argument("--model", required=True, help="pipeline folder, cached repo id, or 'demo'")
     g.add_argument("--prompt", required=True,
@@ -298,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .eval.run import add_eval_parser  # retom-jax eval (retom_jax/eval/run.py)
     add_eval_parser(sub)
+    from .train import add_train_parser  # `retom-jax train` (fine-tuning, the demo model)
+    add_train_parser(sub)
     return parser
 
 
@@ -489,8 +492,6 @@ def generate(args, parser) -> int:
     merge_text = "no merging" if merge is None else repr(merge)
     print(f"time per image: {out.run_seconds / n:.3f} s ({n} image(s), {args.steps} steps, "
           f"{merge_text}; compile time excluded)")
-    if args.model == "demo":
-        print("note: the demo model has random weights, so the image is noise.")
     return 0
 
 

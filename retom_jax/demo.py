@@ -1,11 +1,14 @@
-"""A tiny Stable Diffusion pipeline with random weights, built in memory.
+"""The demo model behind ``--model demo``: a tiny Stable Diffusion pipeline trained by this
+package on its own synthetic data set (``retom_jax.shapes``: one coloured shape on a plain
+coloured background, captioned "a red circle on a blue background").
 
 It has the structure of an SD 1.x pipeline (CLIP text encoder, UNet with cross-attention,
-VAE decoder, a PNDM/PLMS scheduler configured as SD 1.5's) at a size that compiles and
-runs in seconds on a CPU. Its weights are random: **its images are noise**. It exists to
-check that the whole path (tokenizer, text encoder, compiled sampling loop with token
-merging, decoder, image file) works without downloading anything; ``retom-jax generate
---model demo`` uses it.
+AutoencoderKL, a PNDM/PLMS scheduler configured as SD 1.5's) at a size that trains on a
+2-core CPU in well under an hour and samples in seconds: 64x64 images, 16x16x4 latents.
+Its weights ship inside the package (``retom_jax/assets/demo/``, a diffusers pipeline
+folder); ``retom-jax train --demo`` (``retom_jax.demo_train``) reproduces them. It knows
+six colours (red, green, blue, yellow, white, black) and three shapes (circle, square,
+triangle); other words mean nothing to it.
 """
 from __future__ import annotations
 
@@ -15,19 +18,22 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from .clip import TextEncoder, TextEncoderConfig, build_text_encoder, quiet_transformers
-from .pipeline import StableDiffusionPipeline
-from .schedulers import from_config as scheduler_from_config
-from .unet import UNet, UNet2DConditionModel, UNetConfig
-from .vae import VAE, AutoencoderKL, VAEConfig
-from .weights import parse_dtype, random_params
+from . import shapes
+from .vae import VAEConfig
+from .weights import CheckpointError, parse_dtype
 
-__all__ = ["DEMO_NOTICE", "bpe_vocab", "build_demo_pipeline", "demo_tokenizer", "DEMO_UNET", "DEMO_VAE",
-           "DEMO_SCHEDULER"]
+__all__ = ["DEMO_NOTICE", "DEMO_ASSETS", "bpe_vocab", "build_demo_pipeline", "demo_tokenizer",
+           "DEMO_UNET", "DEMO_VAE", "DEMO_TEXT", "DEMO_SCHEDULER", "DEMO_WORDS", "DEMO_PROMPTS"]
 
-DEMO_NOTICE = ("demo model: a tiny pipeline with random weights, built in memory. Its images "
-               "are noise; it only shows that the whole pipeline runs. Pass a real Stable "
-               "Diffusion folder (or a cached repo id) with --model for real images.")
+DEMO_NOTICE = ("demo model: a tiny pipeline trained by retom-jax on its own synthetic shapes "
+               "(64x64 images of one coloured shape on a coloured background). Prompts like "
+               "'a red circle on a blue background' work; colours: "
+               + ", ".join(shapes.COLORS) + "; shapes: " + ", ".join(shapes.SHAPES)
+               + ". Pass a real Stable Diffusion folder (or a cached repo id) with --model "
+               "for real images.")
+DEMO_PROMPTS = ("a red circle on a blue background", "a yellow square on a black background",
+                "a white triangle on a green background", "a blue circle on a yellow background")
+DEMO_ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
 
 # Two UNet levels, attention at the full latent resolution (where merging applies).
 DEMO_UNET = dict(
@@ -36,12 +42,16 @@ DEMO_UNET = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
 )
-# Four VAE levels: a scale factor of 8 as in Stable Diffusion (16x16 latents -> 128 px).
+# Three VAE levels: a scale factor of 4 (64 px images <-> 16x16 latents).
 DEMO_VAE = VAEConfig(
-    block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4,
-    norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128,
+    block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4,
+    # 4+ channels per group: a flat colour's features survive the group normalisation
+    norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64,
 )
+# A small CLIP text encoder (kept at its random initialisation while the rest trains).
+DEMO_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=77)
 DEMO_SCHEDULER = {  # Stable Diffusion 1.5's scheduler config
     "_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
     "beta_end": 0.012, "beta_schedule": "scaled_linear", "set_alpha_to_one": False,
@@ -51,6 +61,8 @@ DEMO_SCHEDULER = {  # Stable Diffusion 1.5's scheduler config
 
 _SYMBOLS = "abcdefghijklmnopqrstuvwxyz0123456789!,.'-"
 _WORDS = ("a", "photo", "of", "the", "cat", "dog", "painting", "in", "and", "with")
+# The demo model's vocabulary: every caption word is one token.
+DEMO_WORDS = tuple(dict.fromkeys(_WORDS + shapes.WORDS))
 
 
 def bpe_vocab(words, symbols: str = _SYMBOLS, extra=()):
@@ -79,12 +91,14 @@ def bpe_vocab(words, symbols: str = _SYMBOLS, extra=()):
     return vocab, merges
 
 
-def demo_tokenizer(model_max_length: int = 77):
-    """A CLIP tokenizer over the small demo vocabulary (unknown characters become
-    ``<|endoftext|>``, as in CLIP). Its files are written to a temporary folder, read,
-    and the folder is removed."""
+def demo_tokenizer(model_max_length: int = 77, words=_WORDS):
+    """A CLIP tokenizer over a small vocabulary (``words`` merged to single tokens;
+    unknown characters become ``<|endoftext|>``, as in CLIP). Its files are written to a
+    temporary folder, read, and the folder is removed."""
+    from .clip import quiet_transformers
+
     CLIPTokenizer = quiet_transformers().CLIPTokenizer
-    vocab, merges = bpe_vocab(_WORDS)
+    vocab, merges = bpe_vocab(words)
     with tempfile.TemporaryDirectory(prefix="retom-jax-demo-") as tmp:
         tmp = Path(tmp)
         (tmp / "vocab.json").write_text(json.dumps(vocab))
@@ -94,30 +108,17 @@ def demo_tokenizer(model_max_length: int = 77):
 
 
 def build_demo_pipeline(dtype=jnp.float32, seed: int = 0, scheduler=None,
-                        attention: str = "auto") -> StableDiffusionPipeline:
-    """The demo pipeline (random weights drawn from ``seed``). ``scheduler``: None (PLMS
-    as in SD 1.5), a scheduler name (``"ddim"``, ``"dpm++2m"`` ...) or a scheduler."""
+                        attention: str = "auto", path=None):
+    """The trained demo pipeline, loaded from the package's ``assets/demo`` folder (or
+    ``path``, e.g. a folder written by ``retom-jax train --demo``). ``scheduler``: None
+    (PLMS as in SD 1.5), a name (``"ddim"``, ``"dpm++2m"`` ...) or a scheduler. ``seed``
+    is accepted for compatibility and unused (the weights are trained, not drawn)."""
+    from .pipeline import load_pipeline
+
     dtype = parse_dtype(dtype)
-    vocab, _ = bpe_vocab(_WORDS)
-    eos, bos = vocab["<|endoftext|>"], vocab["<|startoftext|>"]
-    text_config = TextEncoderConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, eos_token_id=eos, bos_token_id=bos,
-        pad_token_id=eos)
-    graphdef, params = random_params(lambda rngs: build_text_encoder(
-        text_config, dtype=dtype, attention=attention, rngs=rngs), dtype, seed)
-    text_encoder = TextEncoder(text_config, graphdef, params, dtype=dtype, param_dtype=dtype)
-
-    unet_config = UNetConfig.from_dict(DEMO_UNET)
-    graphdef, params = random_params(lambda rngs: UNet2DConditionModel(
-        unet_config, attention=attention, dtype=dtype, param_dtype=dtype, rngs=rngs),
-        dtype, seed + 1)
-    unet = UNet(unet_config, graphdef, params, dtype, attention)
-
-    graphdef, params = random_params(lambda rngs: AutoencoderKL(
-        DEMO_VAE, dtype=dtype, param_dtype=dtype, attention=attention, rngs=rngs), dtype, seed + 2)
-    vae = VAE(DEMO_VAE, graphdef, params, dtype=dtype, param_dtype=dtype)
-
-    if scheduler is None or isinstance(scheduler, str):
-        scheduler = scheduler_from_config(DEMO_SCHEDULER, name=scheduler)
-    return StableDiffusionPipeline(unet, vae, text_encoder, demo_tokenizer(), scheduler)
+    folder = Path(path) if path is not None else DEMO_ASSETS
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(
+            f"the demo model's weights are missing from {folder}: reinstall retom-jax, or "
+            f"make them with 'retom-jax train --demo --out {folder}'")
+    return load_pipeline(folder, dtype, scheduler=scheduler, attention=attention)

@@ -1,0 +1,1000 @@
+"""Fine-tuning the UNet with optax: full or LoRA, with token merging on the forward pass.
+
+The pieces, each usable on its own:
+
+- :func:`diffusion_loss`: the denoising loss of one batch for given noise and timesteps
+  (epsilon or v-prediction targets from the scheduler's ``add_noise`` table, optional
+  min-SNR-gamma weighting), any merge config (``ToMe``/``ReToM``/``ToDo``) on the UNet's
+  forward pass.
+- :func:`make_optimizer`: AdamW with linear warm-up and cosine decay, gradient clipping.
+- :class:`Trainer`: one jitted step ``(state, frozen, batch, key) -> (state, metrics)``
+  that draws noise and timesteps from ``key``, with the state's buffers donated. Full
+  fine-tuning trains the UNet's parameters (optionally as a float32 master copy of
+  bfloat16 weights); LoRA trains rank-r adapters on the attention projections
+  (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) with the base weights frozen.
+- Data: :func:`load_image_folder` reads a diffusers image folder (images +
+  ``metadata.jsonl``), centre-crops and resizes; :func:`encode_dataset` runs the VAE and
+  the text encoder once and caches the results.
+- Files: :func:`save_lora` writes a diffusers/peft LoRA file (``load_lora_weights``
+  reads it), :func:`save_unet` a diffusers UNet folder, :func:`save_checkpoint` /
+  :func:`load_checkpoint` resumable training state, :func:`plot_losses` a loss-curve PNG.
+- :func:`train` runs it all (``retom-jax train``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import weights
+
+__all__ = ["TrainConfig", "TrainState", "Trainer", "diffusion_loss", "make_optimizer",
+           "lora_targets", "init_lora", "fuse_lora", "lora_state_dict", "save_lora",
+           "torch_state_dict", "save_unet", "write_safetensors", "save_checkpoint",
+           "load_checkpoint", "latest_checkpoint", "load_image_folder", "encode_dataset",
+           "plot_losses", "TrainError", "train", "add_train_parser"]
+
+_F32 = jnp.float32
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class TrainError(ValueError):
+    """Bad training input (data folder, options, checkpoint): the message says what."""
+
+
+# --------------------------------------------------------------------------- config
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Static training options (a frozen dataclass: hashable, safe as a jit constant).
+
+    ``prediction_type`` None takes the scheduler's. ``snr_gamma`` enables min-SNR-gamma
+    loss weighting (Hang et al. 2023; 5.0 is the usual value). ``lora_rank`` None means
+    full fine-tuning; ``lora_alpha`` defaults to the rank (scale 1). ``master_fp32`` keeps
+    a float32 copy of low-precision trainable weights for the optimizer. ``end_lr`` is the
+    learning rate the cosine decay ends at, as a fraction of ``learning_rate``.
+    """
+    steps: int = 1000
+    batch_size: int = 1
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    end_lr: float = 0.0
+    weight_decay: float = 1e-2
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    prediction_type: str | None = None
+    snr_gamma: float | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    master_fp32: bool = False
+    caption_dropout: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise TrainError(msg)
+
+        for name in ("steps", "batch_size"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                 f"{name} must be a positive integer, got {v!r}")
+        need(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps,
+             f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate!r}")
+        need(0 <= self.end_lr <= 1, f"end_lr is a fraction of the learning rate in [0, 1], "
+                                    f"got {self.end_lr!r}")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0,
+             f"max_grad_norm must be > 0 (or None: no clipping), got {self.max_grad_norm!r}")
+        need(self.prediction_type in (None, "epsilon", "v_prediction"),
+             f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
+        need(self.snr_gamma is None or self.snr_gamma > 0,
+             f"snr_gamma must be > 0 (or None: no min-SNR weighting), got {self.snr_gamma!r}")
+        if self.lora_rank is not None:
+            need(isinstance(self.lora_rank, int) and not isinstance(self.lora_rank, bool)
+                 and self.lora_rank >= 1,
+                 f"LoRA rank must be a positive integer (omit it for full fine-tuning), "
+                 f"got {self.lora_rank!r}")
+        need(self.lora_alpha is None or self.lora_alpha > 0,
+             f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        need(self.lora_alpha is None or self.lora_rank is not None,
+             "lora_alpha is set but lora_rank is not: LoRA needs a rank")
+        need(0 <= self.caption_dropout < 1,
+             f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
+
+    @property
+    def lora_scale(self) -> float:
+        return (self.lora_alpha or self.lora_rank) / self.lora_rank
+
+    def schedule(self):
+        import optax
+
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0 if self.warmup_steps else self.learning_rate,
+            peak_value=self.learning_rate, warmup_steps=self.warmup_steps,
+            decay_steps=max(self.steps, self.warmup_steps + 1),
+            end_value=self.learning_rate * self.end_lr)
+
+
+def make_optimizer(config: TrainConfig):
+    """AdamW (decoupled weight decay) on the warm-up + cosine learning-rate schedule,
+    after clipping the gradients' global norm to ``max_grad_norm``."""
+    import optax
+
+    adamw = optax.adamw(config.schedule(), b1=config.adam_b1, b2=config.adam_b2,
+                        eps=config.adam_eps, weight_decay=config.weight_decay)
+    if config.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+
+
+# --------------------------------------------------------------------------- loss
+
+def _gather(table, t, ndim):
+    return table[t].reshape((-1,) + (1,) * (ndim - 1))
+
+
+def diffusion_loss(unet, params, latents, encoder_hidden_states, noise, timesteps,
+                   alphas_cumprod, *, prediction_type="epsilon", snr_gamma=None, merge=None,
+                   key=None, added_cond_kwargs=None, reduce=True):
+    """The denoising loss of one batch (NCHW latents, already scaled by the VAE's factor).
+
+    ``noisy = sqrt(a_t) * latents + sqrt(1 - a_t) * noise`` (what the schedulers'
+    ``add_noise`` computes from ``alphas_cumprod``); the target is ``noise`` for
+    ``"epsilon"`` and ``sqrt(a_t) * noise - sqrt(1 - a_t) * latents`` for
+    ``"v_prediction"``. The per-example mean squared error (float32) is weighted by
+    ``min(SNR, gamma) / SNR`` (epsilon) or ``min(SNR, gamma) / (SNR + 1)`` (v) when
+    ``snr_gamma`` is set, then averaged. ``reduce=False`` returns the per-example losses.
+    """
+    from .schedulers import _alpha_add_noise
+
+    ac = jnp.asarray(alphas_cumprod, _F32)
+    lat32 = latents.astype(_F32)
+    noise32 = noise.astype(_F32)
+    noisy = _alpha_add_noise(ac, lat32, noise32, timesteps).astype(unet.dtype)
+    pred = unet.apply(params, noisy, timesteps, encoder_hidden_states, added_cond_kwargs,
+                      merge=merge, key=key).astype(_F32)
+    a = _gather(ac, timesteps, latents.ndim)
+    if prediction_type == "epsilon":
+        target = noise32
+    elif prediction_type == "v_prediction":
+        target = jnp.sqrt(a) * noise32 - jnp.sqrt(1 - a) * lat32
+    else:
+        raise TrainError(f"prediction_type must be 'epsilon' or 'v_prediction', "
+                         f"got {prediction_type!r}")
+    per_example = jnp.mean((pred - target) ** 2, axis=tuple(range(1, latents.ndim)))
+    if snr_gamma is not None:
+        snr = ac[timesteps] / (1 - ac[timesteps])
+        clipped = jnp.minimum(snr, snr_gamma)
+        per_example = per_example * (clipped / snr if prediction_type == "epsilon"
+                                     else clipped / (snr + 1))
+    return jnp.mean(per_example) if reduce else per_example
+
+
+# --------------------------------------------------------------------------- LoRA
+
+def init_module(build, seed: int = 0):
+    """``(graphdef, params)`` of a freshly initialised NNX module ``build(rngs)`` (flax's
+    own initialisers, for training from scratch), ``params`` holding plain arrays as the
+    loaders' do."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(build(nnx.Rngs(seed)))
+    flat = {path: getattr(var, "value", var) for path, var in nnx.to_flat_state(state)}
+    return graphdef, nnx.from_flat_state(flat)
+
+
+def _path_key(path) -> str:
+    """The PyTorch module name of a parameter path, e.g.
+    ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight``."""
+    parts = []
+    for p in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(p, attr):
+                parts.append(getattr(p, attr))
+                break
+    return weights.torch_key(tuple(parts))
+
+
+def lora_targets(params) -> dict[str, tuple[int, int]]:
+    """``{module name: (in_features, out_features)}`` of the attention projections that
+    LoRA adapts (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every transformer block)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        key = _path_key(path)
+        if not key.endswith(".weight") or ".transformer_blocks." not in key:
+            continue
+        module = key[: -len(".weight")]
+        if module.endswith(tuple("." + t for t in LORA_TARGETS)) and leaf.ndim == 2:
+            out[module] = (int(leaf.shape[0]), int(leaf.shape[1]))
+    return out
+
+
+def init_lora(params, rank: int, key, dtype=_F32) -> dict:
+    """Fresh adapters: ``down`` (in, rank) drawn as peft's default (Kaiming-uniform with
+    a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))), ``up`` (rank, out) zero, so the model is
+    unchanged at step 0."""
+    targets = lora_targets(params)
+    if not targets:
+        raise TrainError("this UNet has no attention projections to put LoRA adapters on")
+    lora = {}
+    for i, (name, (fan_in, fan_out)) in enumerate(sorted(targets.items())):
+        bound = 1.0 / math.sqrt(fan_in)
+        down = jax.random.uniform(jax.random.fold_in(key, i), (fan_in, rank), _F32, -bound, bound)
+        lora[name] = {"down": down.astype(dtype), "up": jnp.zeros((rank, fan_out), dtype)}
+    return lora
+
+
+def fuse_lora(params, lora: dict, scale: float):
+    """The UNet parameters with each adapted kernel replaced by ``W + scale * down @ up``
+    (the same function of the input as ``W x + scale * B A x``, and the same gradients
+    for ``A``, ``B``). Pure; used on the training forward pass and to bake a LoRA in."""
+    def fuse(path, leaf):
+        key = _path_key(path)
+        name = key[: -len(".weight")] if key.endswith(".weight") else None
+        if name in lora:
+            a = lora[name]
+            delta = (a["down"].astype(_F32) @ a["up"].astype(_F32)) * scale
+            return (leaf.astype(_F32) + delta).astype(leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(fuse, params)
+
+
+# --------------------------------------------------------------------------- the step
+
+class TrainState(NamedTuple):
+    step: jax.Array          # int32 scalar: optimizer steps taken
+    params: Any              # what is trained: UNet params (full) or the LoRA adapters
+    opt_state: Any
+
+
+class Trainer:
+    """The jitted training step for one UNet and :class:`TrainConfig`.
+
+    ``state = trainer.init(key)``; then ``state, metrics = trainer.step(state, batch, key)``
+    with ``batch = {"latents": [B, C, h, w] posterior means, "latents_std": same shape or
+    absent, "encoder_hidden_states": [B, T, D], "added_cond_kwargs": SDXL's, optional}`` (latents not yet scaled by the VAE's
+    ``scaling_factor``; ``scaling_factor`` is applied inside). ``key`` draws the latent
+    sample, noise, timesteps (uniform over the training timesteps) and the merge's random
+    choices; ``metrics`` holds ``loss``, ``grad_norm`` and ``lr``. The state's buffers are
+    donated: do not reuse a state after passing it in.
+    """
+
+    def __init__(self, unet, alphas_cumprod, config: TrainConfig, *, merge=None,
+                 scaling_factor: float = 1.0, prediction_type: str | None = None,
+                 empty_hidden_states=None):
+        self.unet, self.config, self.merge = unet, config, merge
+        self.alphas_cumprod = np.asarray(alphas_cumprod, np.float32)
+        self.prediction_type = config.prediction_type or prediction_type or "epsilon"
+        self.scaling_factor = float(scaling_factor)
+        self.optimizer = make_optimizer(config)
+        self.lr = config.schedule()
+        self.empty = None if empty_hidden_states is None else jnp.asarray(empty_hidden_states)
+        self.param_dtype = jnp.dtype(jax.tree_util.tree_leaves(unet.params)[0].dtype)
+        self._step = jax.jit(self._step_fn, donate_argnums=(0,))
+
+    @property
+    def is_lora(self) -> bool:
+        return self.config.lora_rank is not None
+
+    # -- state
+    def trainable(self, key=None):
+        """Initial trainable parameters: fresh adapters, or (a float32 copy of) the UNet's."""
+        if self.is_lora:
+            dtype = _F32 if self.config.master_fp32 else self.param_dtype
+            return init_lora(self.unet.params, self.config.lora_rank,
+                             key if key is not None else jax.random.key(self.config.seed), dtype)
+        if self.config.master_fp32:
+            return jax.tree_util.tree_map(lambda a: jnp.array(a, _F32, copy=True), self.unet.params)
+        return jax.tree_util.tree_map(jnp.copy, self.unet.params)
+
+    def init(self, key=None) -> TrainState:
+        params = self.trainable(key)
+        return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params))
+
+    def frozen(self):
+        """The arguments that are not trained (the base UNet for LoRA, nothing otherwise)."""
+        return self.unet.params if self.is_lora else None
+
+    def unet_params(self, trainable, frozen=None):
+        """The UNet parameters the forward pass uses (pure)."""
+        if self.is_lora:
+            base = self.unet.params if frozen is None else frozen
+            lora = jax.tree_util.tree_map(lambda a: a.astype(_F32), trainable)
+            return fuse_lora(base, lora, self.config.lora_scale)
+        return jax.tree_util.tree_map(lambda a: a.astype(self.param_dtype), trainable)
+
+    # -- loss and step
+    def loss(self, trainable, frozen, latents, encoder_hidden_states, noise, timesteps,
+             key=None, added_cond_kwargs=None):
+        """The loss for explicit noise and timesteps (the parity tests use this)."""
+        params = self.unet_params(trainable, frozen)
+        return diffusion_loss(self.unet, params, latents, encoder_hidden_states, noise,
+                              timesteps, self.alphas_cumprod,
+                              prediction_type=self.prediction_type,
+                              snr_gamma=self.config.snr_gamma, merge=self.merge, key=key,
+                              added_cond_kwargs=added_cond_kwargs)
+
+    def draw(self, batch, key):
+        """Latent sample (scaled), noise, timesteps and conditioning for one step."""
+        k_lat, k_noise, k_t, k_drop = jax.random.split(key, 4)
+        mean = jnp.asarray(batch["latents"], _F32)
+        std = batch.get("latents_std")
+        lat = mean if std is None else mean + jnp.asarray(std, _F32) * jax.random.normal(
+            k_lat, mean.shape, _F32)
+        lat = lat * self.scaling_factor
+        noise = jax.random.normal(k_noise, lat.shape, _F32)
+        t = jax.random.randint(k_t, (lat.shape[0],), 0, len(self.alphas_cumprod))
+        ehs = batch["encoder_hidden_states"]
+        if self.config.caption_dropout:
+            if self.empty is None:
+                raise TrainError("caption_dropout needs the empty prompt's hidden states "
+                                 "(Trainer(empty_hidden_states=...))")
+            drop = jax.random.uniform(k_drop, (lat.shape[0], 1, 1)) < self.config.caption_dropout
+            ehs = jnp.where(drop, self.empty.astype(ehs.dtype)[None], ehs)
+        return lat, noise, t, ehs
+
+    def _step_fn(self, state: TrainState, frozen, batch, key):
+        import optax
+
+        key = jax.random.fold_in(key, state.step)
+        lat, noise, t, ehs = self.draw(batch, key)
+        merge_key = jax.random.fold_in(key, 7)
+        loss, grads = jax.value_and_grad(self.loss)(state.params, frozen, lat, ehs, noise, t,
+                                                    merge_key, batch.get("added_cond_kwargs"))
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   "lr": jnp.asarray(self.lr(state.step), _F32)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    def step(self, state: TrainState, batch, key, frozen=None):
+        return self._step(state, self.frozen() if frozen is None else frozen, batch, key)
+
+    def lower(self, state, batch, key):
+        """The step lowered for these shapes (for ``compile().memory_analysis()``)."""
+        return self._step.lower(state, self.frozen(), batch, key)
+
+
+# --------------------------------------------------------------------------- files
+
+_ST_NAMES = {np.dtype(v): k for k, v in weights._ST_DTYPES.items()}
+
+
+def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path:
+    """Write ``{name: array}`` as a safetensors file (``metadata``: string to string),
+    atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    header, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        a = np.asarray(tensors[name])
+        a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
+        if a.dtype not in _ST_NAMES:
+            raise TypeError(f"{name}: dtype {a.dtype} cannot be stored in safetensors")
+        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        blobs.append(a.tobytes())
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for b in blobs:
+            f.write(b)
+    os.replace(tmp, path)
+    return path
+
+
+def read_safetensors_metadata(path) -> dict:
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError):
+            raise TrainError(f"{path} is not a safetensors file") from None
+    return header.get("__metadata__", {}) if isinstance(header, dict) else {}
+
+
+def torch_state_dict(params, dtype=None) -> dict[str, np.ndarray]:
+    """A module's parameters as a PyTorch state dict (diffusers/transformers names and
+    layouts: linear weights (out, in), convolutions OIHW), optionally cast to ``dtype``."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        key = _path_key(path)
+        leaf_name = str(getattr(path[-1], "key", path[-1]))
+        a = np.asarray(jax.device_get(leaf))
+        if leaf_name == "kernel":
+            a = a.T if a.ndim == 2 else a.transpose(3, 2, 0, 1) if a.ndim == 4 else a
+        out[key] = a if dtype is None else a.astype(dtype)
+    return out
+
+
+def save_unet(folder, unet_config: dict, params, dtype=np.float32) -> Path:
+    """A diffusers ``UNet2DConditionModel`` folder: ``config.json`` and
+    ``diffusion_pytorch_model.safetensors``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": "UNet2DConditionModel", **{k: v for k, v in unet_config.items()
+                                                        if k != "_class_name"}}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
+    write_safetensors(folder / "diffusion_pytorch_model.safetensors",
+                      torch_state_dict(params, dtype), {"format": "pt"})
+    return folder
+
+
+def lora_state_dict(lora: dict, prefix: str = "unet", dtype=np.float32) -> dict:
+    """Adapters in diffusers' peft layout: ``{prefix}.{module}.lora_A.weight`` (rank, in)
+    and ``.lora_B.weight`` (out, rank)."""
+    out = {}
+    for name, a in lora.items():
+        out[f"{prefix}.{name}.lora_A.weight"] = np.asarray(a["down"], np.float32).T.astype(dtype)
+        out[f"{prefix}.{name}.lora_B.weight"] = np.asarray(a["up"], np.float32).T.astype(dtype)
+    return out
+
+
+def save_lora(path, lora: dict, rank: int, alpha: float | None = None,
+              dtype=np.float32) -> Path:
+    """Write the adapters as a diffusers LoRA file (``pytorch_lora_weights.safetensors``
+    when ``path`` is not a ``.safetensors`` file name), as diffusers' ``save_lora_weights``
+    does: peft keys under ``unet.`` and the adapter config (``r``, ``lora_alpha``,
+    ``target_modules``) in the ``lora_adapter_metadata`` header entry, from which
+    ``load_lora_weights`` takes the scale ``alpha / r``."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / "pytorch_lora_weights.safetensors"
+    config = {"unet.r": int(rank), "unet.lora_alpha": float(alpha or rank),
+              "unet.target_modules": sorted({t for n in lora for t in LORA_TARGETS
+                                             if n.endswith("." + t)})}
+    return write_safetensors(path, lora_state_dict(lora, dtype=dtype),
+                             {"format": "pt", "lora_adapter_metadata": json.dumps(
+                                 config, indent=2, sort_keys=True)})
+
+
+def read_lora(path) -> tuple[dict, int, float]:
+    """``(adapters, rank, alpha)`` from a file written by :func:`save_lora` (or any peft
+    ``unet.*.lora_A/B.weight`` file; alpha defaults to the rank without metadata)."""
+    state = weights.read_safetensors(path)
+    meta = read_safetensors_metadata(path).get("lora_adapter_metadata")
+    meta = json.loads(meta) if meta else {}
+    lora = {}
+    for key, a in state.items():
+        m = re.fullmatch(r"unet\.(.+)\.lora_([AB])\.weight", key)
+        if not m:
+            raise TrainError(f"{path}: {key!r} is not a UNet peft LoRA key")
+        lora.setdefault(m.group(1), {})["down" if m.group(2) == "A" else "up"] = (
+            jnp.asarray(np.asarray(a, np.float32).T))
+    if not lora:
+        raise TrainError(f"{path} holds no LoRA weights")
+    rank = int(meta.get("unet.r") or next(iter(lora.values()))["down"].shape[1])
+    return lora, rank, float(meta.get("unet.lora_alpha") or rank)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def fingerprint(*parts) -> str:
+    """A short hash naming what a checkpoint belongs to (model structure, training kind)."""
+    return hashlib.sha256(json.dumps([repr(p) for p in parts]).encode()).hexdigest()[:16]
+
+
+def tree_shapes(tree) -> list:
+    return [(jax.tree_util.keystr(p), tuple(np.shape(a)), str(np.asarray(a).dtype)
+             if not hasattr(a, "dtype") else str(a.dtype))
+            for p, a in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def save_checkpoint(folder, state, tag: str, extra: dict | None = None, keep: int = 2) -> Path:
+    """Save a training state (any pytree holding ``step``) as
+    ``folder/step_{step:06d}.safetensors``; ``tag`` (see :func:`fingerprint`) is checked
+    when resuming. Only the newest ``keep`` checkpoints are kept."""
+    folder = Path(folder)
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    tensors = {f"{i:05d}{jax.tree_util.keystr(p)}": np.asarray(jax.device_get(a))
+               for i, (p, a) in enumerate(leaves)}
+    step = int(jax.device_get(state.step))
+    meta = {"retom_jax_checkpoint": "1", "tag": tag, "step": str(step),
+            "extra": json.dumps(extra or {})}
+    path = write_safetensors(folder / f"step_{step:06d}.safetensors", tensors, meta)
+    for old in sorted(folder.glob("step_*.safetensors"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def latest_checkpoint(folder) -> Path | None:
+    found = sorted(Path(folder).glob("step_*.safetensors")) if Path(folder).is_dir() else []
+    return found[-1] if found else None
+
+
+def load_checkpoint(path, template, tag: str):
+    """``(state, extra)`` from a checkpoint written by :func:`save_checkpoint` for a state
+    shaped like ``template``; TrainError (one line) if it was made for another model or
+    training setup, or is not a checkpoint."""
+    path = Path(path)
+    meta = read_safetensors_metadata(path)
+    if meta.get("retom_jax_checkpoint") != "1":
+        raise TrainError(f"{path} is not a retom-jax training checkpoint")
+    if meta.get("tag") != tag:
+        raise TrainError(f"checkpoint {path} was made for another model or training setup "
+                         f"(its tag {meta.get('tag')} != {tag}): use another --out folder "
+                         f"or delete the checkpoint")
+    stored = weights.read_safetensors(path)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    names = [f"{i:05d}{jax.tree_util.keystr(p)}" for i, (p, _) in enumerate(leaves)]
+    if sorted(names) != sorted(stored):
+        raise TrainError(f"checkpoint {path} does not match this training state "
+                         f"({len(stored)} arrays stored, {len(names)} expected)")
+    values = []
+    for name, (_, ref) in zip(names, leaves):
+        a = stored[name]
+        if tuple(a.shape) != tuple(np.shape(ref)):
+            raise TrainError(f"checkpoint {path}: {name} has shape {list(a.shape)}, "
+                             f"expected {list(np.shape(ref))}")
+        values.append(jnp.asarray(np.array(a), dtype=getattr(ref, "dtype", None)))
+    return jax.tree_util.tree_unflatten(treedef, values), json.loads(meta.get("extra", "{}"))
+
+
+# --------------------------------------------------------------------------- progress, plots
+
+class Progress:
+    """A one-line progress bar on stderr: step, loss (running mean), steps per second."""
+
+    def __init__(self, total: int, start: int = 0, desc: str = "train", stream=None,
+                 every: float = 0.5):
+        self.total, self.n, self.desc = total, start, desc
+        self.stream = stream or sys.stderr
+        self.t0, self.n0, self.last, self.every = time.perf_counter(), start, 0.0, every
+        self.loss = None
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        if not self.tty:
+            self.every = max(every, 10.0)  # a log file gets a line every 10 s
+
+    def update(self, loss: float, n: int = 1):
+        self.n += n
+        self.loss = loss if self.loss is None else 0.9 * self.loss + 0.1 * loss
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.n >= self.total:
+            self.last = now
+            rate = (self.n - self.n0) / max(now - self.t0, 1e-9)
+            width = 24
+            done = int(width * self.n / self.total)
+            self.stream.write(f"{chr(13) if self.tty else ''}{self.desc} [{'#' * done}{'.' * (width - done)}] "
+                              f"{self.n}/{self.total} loss {self.loss:.4f} {rate:.2f} steps/s" + ("" if self.tty else "\n"))
+            self.stream.flush()
+
+    @property
+    def steps_per_second(self) -> float:
+        return (self.n - self.n0) / max(time.perf_counter() - self.t0, 1e-9)
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def smooth(values, window: int = 25) -> np.ndarray:
+    v = np.asarray(values, np.float64)
+    if len(v) < 2:
+        return v
+    w = max(1, min(window, len(v) // 5 or 1))
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    out = (c[w:] - c[:-w]) / w
+    return np.concatenate([v[: w - 1].cumsum() / np.arange(1, w), out])
+
+
+def plot_losses(path, curves: dict, title: str = "training loss", size=(640, 400)) -> Path:
+    """A loss-curve PNG drawn with Pillow (no plotting library needed): each curve
+    ``{name: [loss per step]}`` raw (light) and smoothed (dark), log-scale y axis."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 60, 20, 30, 40
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    series = {k: np.asarray(v, np.float64) for k, v in curves.items() if len(v)}
+    allv = np.concatenate([v[v > 0] for v in series.values()]) if series else np.ones(1)
+    lo, hi = np.log10(allv.min()), np.log10(allv.max())
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.5, hi + 0.5
+    n = max(len(v) for v in series.values()) if series else 1
+
+    def xy(i, v):
+        x = left + (w - left - right) * i / max(n - 1, 1)
+        y = top + (h - top - bottom) * (hi - np.log10(max(v, 10 ** lo))) / (hi - lo)
+        return x, y
+
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for e in range(int(np.floor(lo)), int(np.ceil(hi)) + 1):
+        for m in (1, 2, 5):
+            v = m * 10.0 ** e
+            if 10 ** lo <= v <= 10 ** hi:
+                y = xy(0, v)[1]
+                d.line([left, y, w - right, y], fill=(225, 225, 225))
+                d.text((4, y - 6), f"{v:g}", fill="black")
+    for k in range(5):
+        i = (n - 1) * k / 4
+        d.text((xy(i, 1)[0] - 10, h - bottom + 6), f"{int(i)}", fill="black")
+    d.text((w // 2 - 15, h - 18), "step", fill="black")
+    d.text((left, 8), title, fill="black")
+    palette = [((150, 180, 230), (20, 60, 160)), ((240, 170, 150), (180, 40, 20)),
+               ((160, 220, 160), (20, 120, 40))]
+    for c, (name, v) in enumerate(series.items()):
+        light, dark = palette[c % len(palette)]
+        if len(v) > 1:
+            d.line([xy(i, x) for i, x in enumerate(v)], fill=light)
+            d.line([xy(i, x) for i, x in enumerate(smooth(v))], fill=dark, width=2)
+        d.text((w - right - 150, top + 6 + 14 * c), f"{name}: {smooth(v)[-1]:.4g}", fill=dark)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+# --------------------------------------------------------------------------- data
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _center_crop_resize(image, resolution: int) -> np.ndarray:
+    """As diffusers' training scripts: resize the shorter side to ``resolution``
+    (bilinear), then crop the centre square. uint8 [resolution, resolution, 3]."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    w, h = image.size
+    s = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    image = image.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return np.asarray(image.crop((left, top, left + resolution, top + resolution)), np.uint8)
+
+
+def read_metadata(folder, caption_column: str = "text") -> list[tuple[Path, str]]:
+    """``[(image path, caption)]`` from a diffusers image folder's ``metadata.jsonl``
+    (one JSON object per line with ``file_name`` and the caption column). TrainError (one
+    line) for a missing or empty folder, bad lines, missing files or captions, and image
+    files the metadata does not caption."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TrainError(f"data folder {folder} does not exist")
+    meta = folder / "metadata.jsonl"
+    images = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not meta.is_file():
+        what = f"{len(images)} images but " if images else "no images and "
+        raise TrainError(f"data folder {folder} has {what}no metadata.jsonl (the diffusers "
+                         f"image-folder layout: one line per image, "
+                         f'{{"file_name": "0001.png", "{caption_column}": "a caption"}})')
+    rows = []
+    try:
+        text = meta.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainError(f"{meta} cannot be read: {e}") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise TrainError(f"{meta} line {n} is not valid JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise TrainError(f"{meta} line {n} has no \"file_name\"")
+        caption = row.get(caption_column)
+        if not isinstance(caption, str):
+            raise TrainError(f"{meta} line {n} ({row['file_name']}) has no "
+                             f"\"{caption_column}\" caption")
+        path = folder / row["file_name"]
+        if not path.is_file():
+            raise TrainError(f"{meta} line {n}: the image {path} does not exist")
+        rows.append((path, caption))
+    if not rows:
+        raise TrainError(f"data folder {folder} is empty: {meta.name} lists no images")
+    listed = {p.name for p, _ in rows if p.parent == folder}
+    orphans = [name for name in images if name not in listed]
+    if orphans:
+        raise TrainError(f"{len(orphans)} image(s) in {folder} have no caption in "
+                         f"{meta.name}: {', '.join(orphans[:5])}" + (" ..." if len(orphans) > 5
+                                                                     else ""))
+    return rows
+
+
+def load_image_folder(folder, resolution: int, caption_column: str = "text"):
+    """``(images uint8 [N, resolution, resolution, 3], captions)`` of a diffusers image
+    folder, centre-cropped and resized (see :func:`read_metadata` for the errors)."""
+    from PIL import Image, UnidentifiedImageError
+
+    rows = read_metadata(folder, caption_column)
+    images = []
+    for path, _ in rows:
+        try:
+            with Image.open(path) as im:
+                images.append(_center_crop_resize(im, resolution))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise TrainError(f"{path} cannot be read as an image ({type(e).__name__})") from None
+    return np.stack(images), [c for _, c in rows]
+
+
+def data_fingerprint(folder, resolution: int, caption_column: str, model_tag: str) -> str:
+    rows = read_metadata(folder, caption_column)
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns, c) for p, c in rows]
+    return fingerprint(stats, resolution, model_tag)
+
+
+def encode_dataset(vae, text_encoder, tokenizer, images: np.ndarray, captions: list[str],
+                   chunk: int = 8) -> dict:
+    """Run the VAE encoder and the text encoder once over the data set: posterior means and
+    standard deviations (NCHW float32), the hidden states of each distinct caption and of
+    the empty prompt, and each image's caption index."""
+    from .clip import tokenize
+
+    enc = jax.jit(lambda p, x: vae.apply_encode(p, x))
+    means, stds = [], []
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].astype(np.float32) / 127.5 - 1.0
+        post = enc(vae.params, jnp.asarray(x.transpose(0, 3, 1, 2)))
+        means.append(np.asarray(post.mean, np.float32))
+        stds.append(np.asarray(post.std, np.float32))
+    unique = sorted(set(captions))
+    ids = tokenize(tokenizer, unique + [""])
+    states = np.asarray(text_encoder(ids).last_hidden_state, np.float32)
+    lookup = {c: i for i, c in enumerate(unique)}
+    return {"means": np.concatenate(means), "stds": np.concatenate(stds),
+            "states": states[:-1], "empty": states[-1],
+            "index": np.asarray([lookup[c] for c in captions], np.int32)}
+
+
+def cached_encoding(cache_file, compute) -> dict:
+    """The arrays in ``cache_file`` (an ``.npz`` read without pickle) or ``compute()``'s,
+    then saved there."""
+    cache_file = Path(cache_file)
+    if cache_file.is_file():
+        with np.load(cache_file, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    data = compute()
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(cache_file.stem + ".tmp.npz")
+    np.savez(tmp, **data)
+    os.replace(tmp, cache_file)
+    return data
+
+
+def batches(data: dict, batch_size: int, seed: int, step: int) -> dict:
+    """The batch of one step (a pure function of the seed and the step, so a resumed run
+    sees the same batches): examples drawn from a per-epoch permutation."""
+    n = len(data["means"])
+    per_epoch = max(n // batch_size, 1) if n >= batch_size else 1
+    epoch, pos = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    if n >= batch_size:
+        idx = perm[pos * batch_size:(pos + 1) * batch_size]
+    else:
+        idx = np.resize(perm, batch_size)
+    return {"latents": jnp.asarray(data["means"][idx]),
+            "latents_std": jnp.asarray(data["stds"][idx]),
+            "encoder_hidden_states": jnp.asarray(data["states"][data["index"][idx]])}
+
+
+# --------------------------------------------------------------------------- the run
+
+def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = None,
+          lora_alpha: float | None = None, steps: int = 1000, batch_size: int = 1,
+          learning_rate: float = 1e-4, warmup_steps: int = 0, snr_gamma: float | None = None,
+          prediction_type: str | None = None, merge=None, dtype="float32",
+          master_fp32: bool = False, max_grad_norm: float | None = 1.0,
+          weight_decay: float = 1e-2, caption_dropout: float = 0.0,
+          checkpoint_every: int = 500, caption_column: str = "text", seed: int = 0,
+          save_dtype="float32", progress: bool = True, log=print) -> dict:
+    """Fine-tune the UNet of the SD pipeline ``model`` on the image folder ``data`` and
+    write the result to ``out``: ``pytorch_lora_weights.safetensors`` (LoRA) or a
+    diffusers ``unet/`` folder (full), ``loss.png``, ``train_log.json``; checkpoints in
+    ``out/checkpoints`` every ``checkpoint_every`` steps, from which a rerun with the same
+    ``out`` resumes. ``merge``: a merge config, or a function of the UNet's first attention
+    level (downsample factor) returning one. Every input is checked before anything is
+    compiled."""
+    from .pipeline import StableDiffusionPipeline, load_pipeline, pipeline_folder
+    from .weights import parse_dtype
+
+    config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                         warmup_steps=warmup_steps, snr_gamma=snr_gamma,
+                         prediction_type=prediction_type, lora_rank=lora_rank,
+                         lora_alpha=lora_alpha, master_fp32=master_fp32,
+                         max_grad_norm=max_grad_norm, weight_decay=weight_decay,
+                         caption_dropout=caption_dropout, seed=seed)
+    if not isinstance(resolution, int) or resolution < 8:
+        raise TrainError(f"resolution must be an integer >= 8, got {resolution!r}")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise TrainError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    dtype = parse_dtype(dtype)
+    save_dtype = np.dtype(parse_dtype(save_dtype).name if parse_dtype(save_dtype) != jnp.bfloat16
+                          else weights.ml_dtypes.bfloat16)
+    read_metadata(data, caption_column)  # the data's errors come before the model is read
+    out = Path(out)
+    t_start = time.perf_counter()
+    pipe = load_pipeline(model, dtype)
+    if not isinstance(pipe, StableDiffusionPipeline):
+        raise TrainError(f"{model} is a {type(pipe).__name__}: retom-jax trains Stable "
+                         f"Diffusion 1.x/2.x UNets (SDXL conditioning is not wired yet)")
+    unet, vae = pipe.unet, pipe.vae
+    factor = vae.config.vae_scale_factor
+    multiple = factor * 2 ** unet.config.num_upsamplers
+    if resolution % multiple:
+        raise TrainError(f"resolution {resolution} is not a multiple of {multiple} (the VAE's "
+                         f"factor {factor} times the UNet's {2 ** unet.config.num_upsamplers})")
+    latent = resolution // factor
+    if merge is not None and not hasattr(merge, "applies"):  # a function of the first level
+        merge = merge(min(unet.config.attention_downsamples(), default=1))
+    if merge is not None:
+        unet.check_merge(merge, (latent, latent), key=jax.random.key(0))
+    tag = fingerprint("unet", unet.config, tree_shapes(unet.params), lora_rank, master_fp32)
+    trainer = Trainer(unet, pipe.scheduler.alphas_cumprod(), config, merge=merge,
+                      scaling_factor=vae.config.scaling_factor,
+                      prediction_type=pipe.scheduler.prediction_type,
+                      )
+    state = trainer.init(jax.random.key(seed))
+    losses: list[float] = []
+    ckpts = out / "checkpoints"
+    last = latest_checkpoint(ckpts)
+    if last is not None:
+        state, extra = load_checkpoint(last, state, tag)
+        losses = list(extra.get("losses", []))
+        log(f"resumed from {last} (step {int(state.step)})")
+
+    def compute():
+        images, captions = load_image_folder(data, resolution, caption_column)
+        log(f"encoding {len(images)} images ({resolution} px) and {len(set(captions))} "
+            f"captions once")
+        return encode_dataset(vae, pipe.text_encoder, pipe.tokenizer, images, captions)
+
+    cache = out / "cache" / (data_fingerprint(data, resolution, caption_column, tag) + ".npz")
+    encoded = cached_encoding(cache, compute)
+    trainer.empty = jnp.asarray(encoded["empty"])
+    kind = f"LoRA rank {lora_rank}" if lora_rank else "full fine-tuning"
+    log(f"training the UNet ({kind}, {merge!r} on the forward pass) on "
+        f"{len(encoded['means'])} images for {steps} steps")
+    key = jax.random.key(seed)
+    frozen = trainer.frozen()
+    bar = Progress(steps, int(state.step), "train") if progress else None
+    t_loop, first_step = time.perf_counter(), int(state.step)
+    compile_seconds = None
+    while int(state.step) < steps:
+        s = int(state.step)
+        t0 = time.perf_counter()
+        state, metrics = trainer.step(state, batches(encoded, batch_size, seed, s), key, frozen)
+        losses.append(float(metrics["loss"]))
+        if compile_seconds is None:
+            compile_seconds = time.perf_counter() - t0
+            t_loop = time.perf_counter()
+        if bar is not None:
+            bar.update(losses[-1])
+        if (s + 1) % checkpoint_every == 0 or s + 1 == steps:
+            save_checkpoint(ckpts, state, tag, {"losses": losses})
+    if bar is not None:
+        bar.close()
+    done = int(state.step) - first_step
+    rate = (done - 1) / max(time.perf_counter() - t_loop, 1e-9) if done > 1 else None
+
+    out.mkdir(parents=True, exist_ok=True)
+    if lora_rank:
+        result = save_lora(out, jax.device_get(state.params), lora_rank, lora_alpha, save_dtype)
+    else:
+        raw = weights.read_config(pipeline_folder(model) / "unet")
+        result = save_unet(out / "unet", raw, trainer.unet_params(state.params), save_dtype)
+    plot_losses(out / "loss.png", {"loss": losses}, title=f"retom-jax train: {kind}")
+    summary = {"model": str(model), "data": str(data), "resolution": resolution,
+               "steps": steps, "batch_size": batch_size, "lora_rank": lora_rank,
+               "lora_alpha": lora_alpha, "merge": repr(merge), "dtype": str(dtype.name),
+               "learning_rate": learning_rate, "first_loss": losses[0] if losses else None,
+               "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])) if losses
+               else None, "steps_per_second": rate, "compile_seconds": compile_seconds,
+               "seconds": round(time.perf_counter() - t_start, 2), "output": str(result),
+               "losses": losses}
+    (out / "train_log.json").write_text(json.dumps(summary) + "\n")
+    log(f"saved {result}; loss curve {out / 'loss.png'}")
+    return summary
+
+
+# --------------------------------------------------------------------------- command line
+
+def add_train_parser(sub):
+    """Register ``retom-jax train`` on the CLI's subparsers."""
+    from .cli import MERGES, _positive_int, _window
+
+    t = sub.add_parser(
+        "train", help="fine-tune a Stable Diffusion UNet (LoRA or full), or train the demo model",
+        description="Fine-tune the UNet of a diffusers Stable Diffusion pipeline folder on an "
+                    "image folder (images + metadata.jsonl with 'file_name' and 'text'), with "
+                    "token merging on the training forward pass. With --lora-rank: LoRA "
+                    "adapters on the attention projections, saved as a diffusers LoRA file; "
+                    "without: full fine-tuning, saved as a diffusers unet/ folder. "
+                    "'retom-jax train --demo' retrains the built-in demo model.")
+    t.add_argument("--demo", action="store_true",
+                   help="train the demo model from scratch (its own recipe; only --out applies)")
+    t.add_argument("--model", help="diffusers pipeline folder or cached repo id")
+    t.add_argument("--data", help="image folder with metadata.jsonl")
+    t.add_argument("--out", help="output folder (checkpoints there are resumed)")
+    t.add_argument("--resolution", type=_positive_int, default=512)
+    t.add_argument("--lora-rank", type=int, default=None,
+                   help="LoRA rank (omit for full fine-tuning)")
+    t.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (the rank)")
+    t.add_argument("--steps", type=_positive_int, default=1000)
+    t.add_argument("--batch-size", type=_positive_int, default=1)
+    t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (1e-4)")
+    t.add_argument("--warmup-steps", type=int, default=0)
+    t.add_argument("--snr-gamma", type=float, default=None, help="min-SNR weighting (e.g. 5)")
+    t.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="default: the model's scheduler's")
+    t.add_argument("--max-grad-norm", type=float, default=1.0)
+    t.add_argument("--weight-decay", type=float, default=1e-2)
+    t.add_argument("--caption-dropout", type=float, default=0.0,
+                   help="share of captions replaced by the empty prompt")
+    t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    t.add_argument("--master-fp32", action="store_true",
+                   help="keep a float32 master copy of low-precision trainable weights")
+    t.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    t.add_argument("--checkpoint-every", type=_positive_int, default=500)
+    t.add_argument("--caption-column", default="text")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--merge", choices=MERGES, default="none",
+                   help="token merging on the training forward pass (none)")
+    t.add_argument("--ratio", type=float, default=0.5)
+    t.add_argument("--window", type=_window, default=(2, 2))
+    t.add_argument("--matching", choices=("local", "global"), default="local")
+    t.add_argument("--max-downsample", type=_positive_int, default=None)
+    t.add_argument("--todo-factor", type=_positive_int, default=2)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(handler=run_train, subparser=t)
+    return t
+
+
+def run_train(args, parser) -> int:
+    from .cli import make_merge
+    from .weights import CheckpointError
+
+    if args.demo:
+        given = [f"--{k.replace('_', '-')}" for k in ("model", "data", "lora_rank")
+                 if getattr(args, k) is not None]
+        if given:
+            parser.error(f"--demo trains the demo model with its own recipe: {', '.join(given)} "
+                         f"do not apply")
+        from .demo_train import train_demo
+
+        train_demo(args.out or "demo-model")
+        return 0
+    missing = [f"--{k}" for k in ("model", "data", "out") if not getattr(args, k)]
+    if missing:
+        parser.error(f"{', '.join(missing)} required (or --demo)")
+    args.cache_step, args.window_schedule = None, ()
+    try:
+        make_merge(args, 1)  # bad merge options fail here, before any model is read
+        train(args.model, args.data, args.out, resolution=args.resolution,
+              lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, steps=args.steps,
+              batch_size=args.batch_size, learning_rate=args.lr,
+              warmup_steps=args.warmup_steps, snr_gamma=args.snr_gamma,
+              prediction_type=args.prediction_type,
+              merge=(lambda level: make_merge(args, level)) if args.merge != "none" else None,
+              dtype=args.dtype, master_fp32=args.master_fp32,
+              max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay,
+              caption_dropout=args.caption_dropout, checkpoint_every=args.checkpoint_every,
+              caption_column=args.caption_column, seed=args.seed, save_dtype=args.save_dtype,
+              progress=not args.no_progress)
+    except (TrainError, CheckpointError, ValueError) as e:
+        parser.error(str(e))
+    return 0
