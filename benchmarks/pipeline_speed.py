@@ -34,7 +34,7 @@ import common  # noqa: E402
 
 METHODS = ("none", "tome", "retom", "retom_cached", "todo")
 PRESETS = {
-    "tiny": dict(models=["demo"], sizes={"demo": [128]}, steps=3, repeats=10, warmup=1,
+    "tiny": dict(models=["demo"], sizes={"demo": [64]}, steps=3, repeats=10, warmup=1,
                  dtype="fp32", ratios=[0.5], methods=["none", "retom"]),
     "gpu": dict(models=["sd15"], sizes={"sd15": [512, 1024], "sdxl": [1024]}, steps=30,
                 repeats=10, warmup=1, dtype="bf16", ratios=[0.5],
@@ -57,7 +57,7 @@ def random_pipeline(model: str, dtype):
     from flax import nnx
 
     from retom_jax.clip import TextEncoder, TextEncoderConfig, build_text_encoder
-    from retom_jax.demo import DEMO_SCHEDULER, demo_tokenizer
+    from retom_jax.demo import SD15_SCHEDULER, demo_tokenizer
     from retom_jax.pipeline import StableDiffusionPipeline, StableDiffusionXLPipeline
     from retom_jax.schedulers import from_config as scheduler_from_config
     from retom_jax.vae import VAE, VAEConfig, build_vae_module
@@ -83,12 +83,12 @@ def random_pipeline(model: str, dtype):
 
     unet = common.random_unet(common.MODELS[model], dtype)
     if common.family(model) == "sdxl":
-        sched = scheduler_from_config({**DEMO_SCHEDULER, "timestep_spacing": "leading"},
+        sched = scheduler_from_config({**SD15_SCHEDULER, "timestep_spacing": "leading"},
                                       name="euler")
         return StableDiffusionXLPipeline(unet, vae(0.13025), text_encoder(CLIP_L, 1),
                                          text_encoder(CLIP_BIGG, 2), tok, demo_tokenizer(),
                                          sched)
-    sched = scheduler_from_config(DEMO_SCHEDULER)
+    sched = scheduler_from_config(SD15_SCHEDULER)
     return StableDiffusionPipeline(unet, vae(0.18215), text_encoder(CLIP_L, 1), tok, sched)
 
 

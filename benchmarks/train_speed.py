@@ -124,7 +124,7 @@ def measure(trainer, batch, args):
 
 def main(argv=None) -> int:
     from retom_jax.schedulers import from_config
-    from retom_jax.demo import DEMO_SCHEDULER
+    from retom_jax.demo import SD15_SCHEDULER
     from retom_jax.train import TrainConfig, Trainer
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     writer = common.ResultWriter(args.out, common.run_meta("train_speed", argv, settings,
                                                            script=__file__))
     budget = common.Budget(args.time_budget)
-    ac = from_config(DEMO_SCHEDULER).alphas_cumprod()
+    ac = from_config(SD15_SCHEDULER).alphas_cumprod()
     for model in args.models:
         config = MODELS[model]
         try:

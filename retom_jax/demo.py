@@ -23,7 +23,8 @@ from .vae import VAEConfig
 from .weights import CheckpointError, parse_dtype
 
 __all__ = ["DEMO_NOTICE", "DEMO_ASSETS", "bpe_vocab", "build_demo_pipeline", "demo_tokenizer",
-           "DEMO_UNET", "DEMO_VAE", "DEMO_TEXT", "DEMO_SCHEDULER", "DEMO_WORDS", "DEMO_PROMPTS"]
+           "DEMO_UNET", "DEMO_VAE", "DEMO_TEXT", "DEMO_SCHEDULER", "SD15_SCHEDULER",
+           "DEMO_WORDS", "DEMO_PROMPTS"]
 
 DEMO_NOTICE = ("demo model: a tiny pipeline trained by retom-jax on its own synthetic shapes "
                "(64x64 images of one coloured shape on a coloured background). Prompts like "
@@ -52,16 +53,18 @@ DEMO_VAE = VAEConfig(
 # A small CLIP text encoder (kept at its random initialisation while the rest trains).
 DEMO_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, max_position_embeddings=77)
-DEMO_SCHEDULER = {  # Stable Diffusion 1.5's scheduler config
+SD15_SCHEDULER = {  # Stable Diffusion 1.5's scheduler config
     "_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
     "beta_end": 0.012, "beta_schedule": "scaled_linear", "set_alpha_to_one": False,
     "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False,
     "prediction_type": "epsilon", "timestep_spacing": "leading",
 }
+# The demo's: SD 1.5's with v-prediction (as SD 2.x; see demo_train.py for why).
+DEMO_SCHEDULER = {**SD15_SCHEDULER, "prediction_type": "v_prediction"}
 
 _SYMBOLS = "abcdefghijklmnopqrstuvwxyz0123456789!,.'-"
 _WORDS = ("a", "photo", "of", "the", "cat", "dog", "painting", "in", "and", "with")
-# The demo model's vocabulary: every caption word is one token.
+# The demo model's vocabulary (the caption words; BPE keeps most of them whole).
 DEMO_WORDS = tuple(dict.fromkeys(_WORDS + shapes.WORDS))
 
 

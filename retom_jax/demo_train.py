@@ -3,15 +3,18 @@ were made by this script).
 
 1. Data: ``retom_jax.shapes.make_dataset`` (64x64 images, one coloured shape each).
 2. Text encoder: the small CLIP of ``demo.DEMO_TEXT`` at a fixed random initialisation
-   (each caption word is one token, so different captions give different states); the
+   (different captions give different states); the
    states of the distinct captions (and of the empty prompt) are computed once.
 3. VAE: ``demo.DEMO_VAE`` trained from scratch on reconstruction (mean squared error of
    a posterior sample's decoding) plus a small KL term; the latents' scaling factor is
    then set to one over their standard deviation (the VAE trains on 32x32 crops: it is
    convolutional, and crops cost a quarter of whole images), as Stable Diffusion's was.
 4. UNet: ``demo.DEMO_UNET`` trained from scratch with ``retom_jax.train.Trainer`` (full
-   training, epsilon prediction, 10% of captions dropped for classifier-free guidance) on
-   the cached latents.
+   training, v-prediction, 10% of captions dropped for classifier-free guidance) on the
+   cached latents. (With epsilon prediction the text barely mattered after a few hundred
+   steps: at high noise, where only the caption tells the colours, the epsilon loss
+   weighs the error of the predicted image by the tiny signal-to-noise ratio; the
+   v-prediction loss does not.)
 5. Everything is written as a diffusers pipeline folder (float16 weights) with the loss
    curves (``loss.png``) and a log (``train_log.json``).
 
@@ -35,8 +38,8 @@ from .train import (Progress, init_module, TrainConfig, Trainer, TrainState, fin
                     load_checkpoint, make_optimizer, plot_losses, save_checkpoint, save_unet,
                     torch_state_dict, write_safetensors)
 
-DEFAULTS = dict(images=4096, vae_steps=400, unet_steps=800, batch=16, vae_lr=2e-3, vae_crop=32,
-                unet_lr=1.5e-3, kl_weight=1e-5, seed=0)
+DEFAULTS = dict(images=4096, vae_steps=300, unet_steps=1500, batch=12, vae_lr=2e-3, vae_crop=32,
+                unet_lr=2e-3, kl_weight=1e-5, seed=0)
 
 
 def _log(msg):
@@ -141,7 +144,8 @@ def train_unet(means, stds, states, index, empty, scaling_factor, work: Path, st
     tc = TrainConfig(steps=steps, batch_size=batch, learning_rate=lr,
                      warmup_steps=min(100, steps // 10), caption_dropout=0.1, seed=seed)
     ac = from_config(demo.DEMO_SCHEDULER).alphas_cumprod()
-    trainer = Trainer(unet, ac, tc, scaling_factor=scaling_factor, empty_hidden_states=empty)
+    trainer = Trainer(unet, ac, tc, scaling_factor=scaling_factor, empty_hidden_states=empty,
+                      prediction_type=demo.DEMO_SCHEDULER["prediction_type"])
     state = trainer.init()
     tag = fingerprint("demo-unet", config, tc, means.shape, float(scaling_factor))
     ckpts = work / "unet"

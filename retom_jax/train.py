@@ -823,8 +823,7 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise TrainError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     dtype = parse_dtype(dtype)
-    save_dtype = np.dtype(parse_dtype(save_dtype).name if parse_dtype(save_dtype) != jnp.bfloat16
-                          else weights.ml_dtypes.bfloat16)
+    save_dtype = np.dtype(parse_dtype(save_dtype))
     read_metadata(data, caption_column)  # the data's errors come before the model is read
     out = Path(out)
     t_start = time.perf_counter()

@@ -313,9 +313,31 @@ def test_demo_draws_the_asked_colours():
     middle[20:44, 20:44] = True
     for prompt, image in zip(prompts, images):
         words = prompt.split()
-        fg, bg = words[1], words[4]
+        fg, bg = words[1], words[5]
         edge = shapes.color_shares(image, border)
         centre = shapes.color_shares(image, middle)
         assert max(edge, key=edge.get) == bg and edge[bg] > 0.6, (prompt, edge)
         others = {k: v for k, v in centre.items() if k != bg}
         assert max(others, key=others.get) == fg and centre[fg] > 0.2, (prompt, centre)
+
+
+def test_train_speed_smoke(tmp_path):
+    """benchmarks/train_speed.py's CPU preset, cut to two rows: JSON with step times,
+    compile time and XLA's memory figures."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import train_speed
+
+    out = tmp_path / "t.json"
+    assert train_speed.main(["--preset", "cpu", "--kinds", "lora", "--methods", "none",
+                             "retom", "--iters", "1", "--warmup", "0", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["benchmark"] == "train_speed" and data["meta"]["complete"]
+    rows = data["rows"]
+    assert [(r["kind"], r["method"]) for r in rows] == [("lora", "none"), ("lora", "retom")]
+    for r in rows:
+        assert r.get("error") is None and r["finite"], r
+        assert r["median_ms"] > 0 and r["compile_s"] > 0 and r["xla_total_gb"] > 0
+    assert rows[1]["speedup"] > 0
