@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import struct
 import sys
 import time
@@ -405,17 +404,6 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path
     return path
 
 
-def read_safetensors_metadata(path) -> dict:
-    path = Path(path)
-    with open(path, "rb") as f:
-        try:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError):
-            raise TrainError(f"{path} is not a safetensors file") from None
-    return header.get("__metadata__", {}) if isinstance(header, dict) else {}
-
-
 def torch_state_dict(params, dtype=None) -> dict[str, np.ndarray]:
     """A module's parameters as a PyTorch state dict (diffusers/transformers names and
     layouts: linear weights (out, in), convolutions OIHW), optionally cast to ``dtype``."""
@@ -459,7 +447,8 @@ def save_lora(path, lora: dict, rank: int, alpha: float | None = None,
     when ``path`` is not a ``.safetensors`` file name), as diffusers' ``save_lora_weights``
     does: peft keys under ``unet.`` and the adapter config (``r``, ``lora_alpha``,
     ``target_modules``) in the ``lora_adapter_metadata`` header entry, from which
-    ``load_lora_weights`` takes the scale ``alpha / r``."""
+    ``load_lora_weights`` (and ``retom_jax.lora.read_lora`` / ``pipe.load_lora``) take the
+    scale ``alpha / r``."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / "pytorch_lora_weights.safetensors"
@@ -469,25 +458,6 @@ def save_lora(path, lora: dict, rank: int, alpha: float | None = None,
     return write_safetensors(path, lora_state_dict(lora, dtype=dtype),
                              {"format": "pt", "lora_adapter_metadata": json.dumps(
                                  config, indent=2, sort_keys=True)})
-
-
-def read_lora(path) -> tuple[dict, int, float]:
-    """``(adapters, rank, alpha)`` from a file written by :func:`save_lora` (or any peft
-    ``unet.*.lora_A/B.weight`` file; alpha defaults to the rank without metadata)."""
-    state = weights.read_safetensors(path)
-    meta = read_safetensors_metadata(path).get("lora_adapter_metadata")
-    meta = json.loads(meta) if meta else {}
-    lora = {}
-    for key, a in state.items():
-        m = re.fullmatch(r"unet\.(.+)\.lora_([AB])\.weight", key)
-        if not m:
-            raise TrainError(f"{path}: {key!r} is not a UNet peft LoRA key")
-        lora.setdefault(m.group(1), {})["down" if m.group(2) == "A" else "up"] = (
-            jnp.asarray(np.asarray(a, np.float32).T))
-    if not lora:
-        raise TrainError(f"{path} holds no LoRA weights")
-    rank = int(meta.get("unet.r") or next(iter(lora.values()))["down"].shape[1])
-    return lora, rank, float(meta.get("unet.lora_alpha") or rank)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -530,7 +500,10 @@ def load_checkpoint(path, template, tag: str):
     shaped like ``template``; TrainError (one line) if it was made for another model or
     training setup, or is not a checkpoint."""
     path = Path(path)
-    meta = read_safetensors_metadata(path)
+    try:
+        meta = weights.read_safetensors_metadata(path)
+    except weights.CheckpointError as e:
+        raise TrainError(str(e)) from None
     if meta.get("retom_jax_checkpoint") != "1":
         raise TrainError(f"{path} is not a retom-jax training checkpoint")
     if meta.get("tag") != tag:

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from retom_jax import ReToM, ToMe, load_unet
 from retom_jax import shapes
-from retom_jax.train import (TrainConfig, Trainer, TrainError, fuse_lora, init_lora, read_lora,
-                             save_checkpoint, torch_state_dict, train)
+from retom_jax.lora import read_lora
+from retom_jax.train import (TrainConfig, Trainer, TrainError, init_lora, save_checkpoint,
+                             torch_state_dict, train)
 from tests.pipeline_helpers import SD_SCHEDULER, latents_for, reference, save_sd
 from tests.tiny import FAMILIES, torch_unet
 from tests.util import rel_err
@@ -197,14 +198,14 @@ def test_cli_lora_loads_in_diffusers(tiny_sd, four_images, tmp_path, capsys):
     log = json.loads((out / "train_log.json").read_text())
     assert len(log["losses"]) == 6 and "ReToM" in log["merge"]
     assert (out / "loss.png").is_file() and (out / "checkpoints").is_dir()
-    lora, rank, alpha = read_lora(out / "pytorch_lora_weights.safetensors")
-    assert (rank, alpha) == (4, 8.0)
+    layers = read_lora(out / "pytorch_lora_weights.safetensors").layers["unet"]
+    assert len(layers) == 48 and {(v.rank, v.alpha) for v in layers.values()} == {(4, 8.0)}
 
     ours = load_pipeline(folder)
     latents = latents_for(1, 32, 32)
     kw = dict(num_inference_steps=3, guidance_scale=7.5)
     plain = reference(torch_pipe, "a photo of a cat", latents, **kw)
-    ours.unet.params = fuse_lora(ours.unet.params, lora, alpha / rank)
+    ours.load_lora(out / "pytorch_lora_weights.safetensors")  # retom_jax/lora.py reads it
     mine = ours("a photo of a cat", latents=latents, output_type="np", **kw).images
     torch_pipe.load_lora_weights(str(out))
     try:

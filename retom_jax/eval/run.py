@@ -455,5 +455,6 @@ def run_eval(args, parser) -> int:
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}"
           + (f", {out / 'results.png'}" if drawn else ""))
     if args.model == "demo":
-        print("note: the demo model has random weights: its numbers only show the mechanics.")
+        print("note: the demo model is a tiny model of coloured shapes: its numbers only show "
+              "the mechanics.")
     return 0
