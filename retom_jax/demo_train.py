@@ -239,7 +239,7 @@ def train_demo(out, work=None, *, images: int = DEFAULTS["images"],
     unet_seconds = time.perf_counter() - t0
 
     write_pipeline(out, unet_params, vae, text_encoder, scaling_factor)
-    plot_losses(out / "loss.png", {"unet (epsilon mse)": unet_losses,
+    plot_losses(out / "loss.png", {"unet (v-prediction mse)": unet_losses,
                                    "vae (reconstruction mse)": vae_losses},
                 title="demo model: training losses")
     log = {"command": "retom-jax train --demo", "images": images, "batch": batch,
