@@ -95,7 +95,7 @@ def test_eval_end_to_end_and_resume(models, tmp_path, capsys):
                    log=lambda *_: None)
     for row in rows:
         assert np.isfinite(row["fid"]) and np.isfinite(row["cmmd"]), row
-    assert rows[1]["clip_score"] == pytest.approx(merged["clip_score"], rel=1e-6)
+    assert rows[1]["clip_score"] == pytest.approx(merged["clip_score"], rel=1e-5)  # as above
 
 
 class FakePipe:
