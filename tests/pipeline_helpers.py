@@ -52,7 +52,9 @@ def text_encoder(hidden, seed, projection_dim=None):
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden + 5,
-        num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=MAX_LENGTH,
+        # 4 layers (5 hidden states): with 3, clip_skip's index -(c + 2) and a wrong
+        # -(c - 2) would pick the same hidden state for every c (they differ by 4)
+        num_hidden_layers=4, num_attention_heads=2, max_position_embeddings=MAX_LENGTH,
         hidden_act="gelu" if projection_dim else "quick_gelu",
         eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"],
         pad_token_id=vocab["<|endoftext|>"], projection_dim=projection_dim or 512)

@@ -280,7 +280,7 @@ def test_bad_options_fail_before_compiling(sd, sdxl, tmp_path):
         (pipe, dict(guidance_rescale=0.5, guidance_scale=1.0), "guidance_rescale has no effect"),
         (pipe, dict(guidance_rescale=1.5), r"guidance_rescale must lie in \[0, 1\]"),
         (pipe, dict(eta=-0.5), r"eta must lie in \[0, 1\]"),
-        (pipe, dict(clip_skip=4), "clip_skip=4 is out of range.*0 to 3"),
+        (pipe, dict(clip_skip=5), "clip_skip=5 is out of range.*0 to 4"),
         (pipe, dict(clip_skip=1.0), "clip_skip must be an int"),
         (pipe, dict(prompt_2="x"), "prompt_2 is an SDXL option"),
         (xl, dict(eta=0.5), "eta=0.5 is DDIM's option: the Euler scheduler"),
@@ -291,7 +291,7 @@ def test_bad_options_fail_before_compiling(sd, sdxl, tmp_path):
         (xl, dict(crops_coords_top_left=(1,)), "crops_coords_top_left must be a pair"),
         (xl, dict(negative_target_size=(8, 8), guidance_scale=1.0),
          "negative_target_size has no effect"),
-        (xl, dict(clip_skip=3), "clip_skip=3 is out of range.*0 to 2"),
+        (xl, dict(clip_skip=4), "clip_skip=4 is out of range.*0 to 3"),
     ]
     for p in (pipe, xl):
         p._counts = (p.compile_count, p.trace_count)
