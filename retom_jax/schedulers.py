@@ -438,16 +438,21 @@ class PNDM(_Base):
             return self._prk_timesteps(n, asc, shape, dtype)
         # Every timestep once, except the second-highest which is visited twice.
         plms = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1].astype(np.int64)
+        return self._state(plms, n, shape, dtype)
+
+    def _state(self, steps, n, shape, dtype, **extra) -> PLMSState:
+        """A fresh PLMS/PNDM state over the timesteps ``steps`` (``extra``: PRK's fields)."""
         ac = self.alphas_cumprod()
         final = _F32(1.0) if self.set_alpha_to_one else ac[0]
         return PLMSState(
-            timesteps=jnp.asarray(plms, jnp.int32),
+            timesteps=jnp.asarray(steps, jnp.int32),
             alphas_cumprod=jnp.asarray(ac),
             final_alpha_cumprod=jnp.asarray(final, jnp.float32),
             step_ratio=jnp.asarray(self.num_train_timesteps // n, jnp.int32),
             ets=jnp.zeros((4,) + shape, dtype),
             cur_sample=jnp.zeros(shape, dtype),
             count=jnp.zeros((), jnp.int32),
+            **extra,
         )
 
     def _prk_timesteps(self, n, asc, shape, dtype) -> PLMSState:
@@ -459,18 +464,7 @@ class PNDM(_Base):
         prk = asc[-4:].repeat(2) + np.tile(np.array([0, half]), 4)
         prk = prk[:-1].repeat(2)[1:-1][::-1]
         steps = np.concatenate([prk, asc[:-3][::-1]]).astype(np.int64)
-        ac = self.alphas_cumprod()
-        final = _F32(1.0) if self.set_alpha_to_one else ac[0]
-        return PLMSState(
-            timesteps=jnp.asarray(steps, jnp.int32),
-            alphas_cumprod=jnp.asarray(ac),
-            final_alpha_cumprod=jnp.asarray(final, jnp.float32),
-            step_ratio=jnp.asarray(self.num_train_timesteps // n, jnp.int32),
-            ets=jnp.zeros((4,) + shape, dtype),
-            cur_sample=jnp.zeros(shape, dtype),
-            count=jnp.zeros((), jnp.int32),
-            cur_model_output=jnp.zeros(shape, dtype),
-        )
+        return self._state(steps, n, shape, dtype, cur_model_output=jnp.zeros(shape, dtype))
 
     def _prev_sample(self, state, x, t, prev_t, eps):
         """Eq. (9) of Liu et al. (2022): the transfer from x_t to x_{prev_t}."""
