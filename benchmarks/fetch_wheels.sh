@@ -9,5 +9,5 @@ rm -rf .whl && mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any -d .whl \
-    diffusers==0.42.1 tomesd==0.1.3 importlib_metadata
+    diffusers==0.42.1 tomesd==0.1.3 importlib_metadata lazy-importer==0.1.0
 ls -la .whl

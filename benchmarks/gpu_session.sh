@@ -4,12 +4,14 @@
 #   bash benchmarks/fetch_wheels.sh             # here, once: diffusers + tomesd wheels in .whl/
 #   bash benchmarks/gpu_session.sh check        # on the device (carry .whl), then the others:
 #   ... merge | sd15 | sdxl | more | pipeline
+#   bash benchmarks/gpu_session.sh lease        # OR: the whole set cut to one call of 9.5
+#                                               # minutes, for a 15-minute device lease
 #
 # Results go to results/ (kept on the device while it stays warm) and are copied to $OUT,
 # which the device tool brings back; make the tables and plots here afterwards:
 #   python benchmarks/report.py DIR/*.json; python benchmarks/plot.py DIR/unet_*.json --out-dir DIR/plots
 set -uo pipefail
-part=${1:?"usage: gpu_session.sh check|merge|sd15|sdxl|more|pipeline"}
+part=${1:?"usage: gpu_session.sh check|merge|sd15|sdxl|more|pipeline|lease"}
 cd "$(dirname "$0")/.."
 
 # The GPU image has jax, flax, torch and transformers; diffusers and tomesd travel as wheels.
@@ -28,6 +30,19 @@ mkdir -p results
 # Each command is cut at a hard limit below the call's 10 minutes, so that the rows it
 # finished (written after each row) are still copied to $OUT.
 run() { local limit=$1; shift; echo "+ $*"; timeout "$limit" "$@"; }
+# lease: every step gets min(its own limit, what is left of LEASE_S), copies its JSON to
+# $OUT when it ends, and is skipped when under 25 s are left.
+LEASE_S=${LEASE_S:-560}
+step() {
+    local limit=$1; shift
+    local left=$(( LEASE_S - SECONDS ))
+    (( left < limit )) && limit=$left
+    if (( limit < 25 )); then echo "skipped (lease time used up): $*"; return 0; fi
+    echo "+ [t=${SECONDS}s, limit ${limit}s] $*"
+    timeout "$limit" "$@"; local rc=$?
+    if [ -n "${OUT:-}" ]; then cp results/*.json "$OUT"/ 2>/dev/null; fi
+    return $rc
+}
 
 case "$part" in
   check)   # versions, then correctness of the timed programs on this device
@@ -62,6 +77,25 @@ case "$part" in
   pipeline) # seconds per image and whole-pipeline compile time
     run 560 python3 benchmarks/pipeline_speed.py --preset gpu --models sd15 --sizes 512 1024 \
         --time-budget 420 --out "results/pipeline_sd15_$kind.json"
+    ;;
+  lease)   # one call: smoke, correctness, the goals' rows with the torch peer, a profile
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+    python3 -c "import sys, jax, flax, numpy, torch; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'numpy', numpy.__version__, 'torch', torch.__version__, jax.devices())"
+    python3 -c "import diffusers, tomesd; print('diffusers', diffusers.__version__)" || true
+    step 90 python3 benchmarks/unet_speed.py --preset tiny --models sd15-tiny --iters 3 \
+        --warmup 1 --out "results/smoke_$kind.json" || { echo "SMOKE FAILED: stopping"; exit 3; }
+    step 100 python3 benchmarks/device_check.py --preset gpu --methods none retom \
+        --out "results/device_check_$kind.json"
+    step 230 python3 benchmarks/unet_speed.py --preset gpu --models sd15 --sizes 512 1024 2048 \
+        --ratios 0.5 --methods tome retom --torch --time-budget 180 \
+        --out "results/unet_sd15_r05_$kind.json"
+    step 60 python3 benchmarks/profile_call.py --model sd15 --size 1024 --method retom \
+        --out "results/profile_sd15_1024_retom_$kind.json"
+    step 120 python3 benchmarks/unet_speed.py --preset gpu --models sdxl --sizes 1024 \
+        --ratios 0.5 --methods tome_md2 retom --torch --time-budget 75 \
+        --out "results/unet_sdxl_r05_$kind.json"
+    step 110 python3 benchmarks/pipeline_speed.py --preset gpu --models sd15 --sizes 512 \
+        --methods none retom --repeats 5 --time-budget 50 --out "results/pipeline_sd15_$kind.json"
     ;;
   *) echo "unknown part '$part'"; exit 2 ;;
 esac
