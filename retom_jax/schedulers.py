@@ -180,6 +180,48 @@ class DPMState(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------
+# The shared core: the two parameterisations, the model-output conversion, forward noising
+# ---------------------------------------------------------------------------------------
+
+
+def _vp_scales(sigma):
+    """(alpha, sigma) of the variance-preserving sample ``x / sqrt(sigma^2 + 1)`` that a
+    sigma-parameterised sample ``x = x0 + sigma * eps`` corresponds to."""
+    alpha = 1 / jnp.sqrt(sigma**2 + 1)
+    return alpha, sigma * alpha
+
+
+def _x0_and_eps(prediction_type: str, out, x, alpha, sigma):
+    """Data and noise predictions (x0, eps) from a model output, for a variance-preserving
+    sample ``x = alpha * x0 + sigma * eps`` (``alpha**2 + sigma**2 = 1``). The one place
+    where epsilon / v / sample prediction is interpreted."""
+    if prediction_type == "epsilon":
+        return (x - sigma * out) / alpha, out
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * out, alpha * out + sigma * x
+    return out, (x - alpha * out) / sigma  # "sample"
+
+
+def _noised(original: jax.Array, noise, alpha, sigma) -> jax.Array:
+    """``alpha * original + sigma * noise`` in the dtype of ``original``."""
+    return (alpha * original + sigma * noise).astype(original.dtype)
+
+
+def _alpha_scales(ac: jax.Array, timesteps, ndim: int):
+    """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) at integer ``timesteps``, shaped to
+    broadcast against an ``ndim``-array."""
+    a = _gather_scalar_or_batch(ac, timesteps, ndim)
+    return jnp.sqrt(a), jnp.sqrt(1 - a)
+
+
+def _alpha_add_noise(ac: jax.Array, original, noise, timesteps):
+    """Forward diffusion with an alpha_bar table (what DDIM/PNDM's ``add_noise`` does;
+    training uses it directly)."""
+    original = jnp.asarray(original)
+    return _noised(original, noise, *_alpha_scales(ac, timesteps, original.ndim))
+
+
+# ---------------------------------------------------------------------------------------
 # Shared configuration and validation
 # ---------------------------------------------------------------------------------------
 
@@ -195,6 +237,17 @@ def _check_choice(cls_name: str, field: str, value, allowed) -> None:
 def _check_false(cls_name: str, field: str, value) -> None:
     if value:
         raise ValueError(f"{cls_name}: {field}={value!r} is not supported (only False)")
+
+
+# The classes: _Base holds what every diffusers scheduler config has (the training betas,
+# spacing, prediction type) and the shared host/traced helpers; each level below adds
+# options and behaviour without replacing what a parent does.
+#
+#   _Base ─┬─ PNDM (+ _AlphaTables)
+#          └─ _ZeroSNR (rescale_betas_zero_snr) ─┬─ DDIM (+ _AlphaTables)
+#                                                └─ _SigmaBase ─┬─ EulerAncestral (+ _VEInput)
+#                                                               └─ _SigmaLadder ─┬─ Euler (+ _VEInput)
+#                                                                                └─ DPMSolverMultistep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,28 +282,44 @@ class _Base:
         self._validate()
 
     def _validate(self) -> None:
-        pass
+        """Checks of a subclass's own options; subclasses extend it through ``super()``."""
 
     # -- host-side tables ----------------------------------------------------------------
 
     def _betas(self) -> np.ndarray:
         n = self.num_train_timesteps
         if self.trained_betas is not None:
-            betas = np.asarray(self.trained_betas, dtype=_F32)
-        elif self.beta_schedule == "linear":
-            betas = _linspace_f32(self.beta_start, self.beta_end, n)
-        elif self.beta_schedule == "scaled_linear":
+            return np.asarray(self.trained_betas, dtype=_F32)
+        if self.beta_schedule == "linear":
+            return _linspace_f32(self.beta_start, self.beta_end, n)
+        if self.beta_schedule == "scaled_linear":
             root = _linspace_f32(self.beta_start**0.5, self.beta_end**0.5, n)
-            betas = root * root
-        else:
-            betas = _cosine_betas(n)
-        if getattr(self, "rescale_betas_zero_snr", False):
-            betas = _zero_terminal_snr(betas)
-        return betas.astype(_F32)
+            return root * root
+        return _cosine_betas(n)
 
     def alphas_cumprod(self) -> np.ndarray:
         """alpha_bar_t of the training schedule, float32, shape (num_train_timesteps,)."""
         return _cumprod_f32(_F32(1.0) - self._betas())
+
+    def _spaced_timesteps(self, n: int, *, last: Optional[int] = None, extra: int = 0,
+                          rounded: bool = True) -> np.ndarray:
+        """The ``n`` descending training timesteps of ``timestep_spacing`` (float64).
+
+        ``last``: one past the largest usable timestep (default ``num_train_timesteps``);
+        ``extra``: points laid out in addition and dropped at the low end (DPM-Solver
+        spaces ``n + 1`` points and drops 0); ``rounded=False`` keeps "linspace" fractional
+        (the sigma schedulers interpolate there)."""
+        T = self.num_train_timesteps
+        last = T if last is None else last
+        m = n + extra
+        if self.timestep_spacing == "linspace":
+            ts = np.linspace(0, last - 1, m)
+            return (ts.round() if rounded else ts)[::-1][:n]
+        if self.timestep_spacing == "leading":
+            return (np.arange(m) * (last // m)).round()[::-1][:n] + self.steps_offset
+        return np.arange(last, 0, -(T / n)).round() - 1  # "trailing"
+
+    # -- argument checks -----------------------------------------------------------------
 
     def _check_steps(self, num_inference_steps, shape) -> Tuple[int, Tuple[int, ...]]:
         name = type(self).__name__
@@ -278,31 +347,65 @@ class _Base:
             raise ValueError(f"{type(self).__name__}: step_index must be an integer")
         return jnp.asarray(step_index, dtype=jnp.int32)
 
-    def _spaced_int_timesteps(self, n: int) -> np.ndarray:
-        """Descending integer timesteps shared by DDIM and PLMS (int64 on the host)."""
-        T = self.num_train_timesteps
-        if self.timestep_spacing == "linspace":
-            return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
-        if self.timestep_spacing == "leading":
-            ratio = T // n
-            return (np.arange(n) * ratio).round()[::-1].astype(np.int64) + self.steps_offset
-        ratio = T / n
-        return np.round(np.arange(T, 0, -ratio)).astype(np.int64) - 1
+    # -- the public per-step helpers -----------------------------------------------------
 
     def init_noise_sigma(self, state) -> jax.Array:
         """Standard deviation of the initial noise (multiply unit Gaussian noise by it)."""
         return jnp.asarray(1.0, jnp.float32)
 
     def scale_model_input(self, state, sample: jax.Array, step_index) -> jax.Array:
-        """The UNet input for step ``step_index`` (identity for this scheduler)."""
+        """The UNet input for step ``step_index`` (the sample itself for this scheduler)."""
         return sample
 
+    def add_noise(self, state, original, noise, timesteps):
+        """Forward-diffuse ``original`` to ``timesteps`` (scalar or one per batch entry):
+        ``alpha(t) * original + sigma(t) * noise`` in this scheduler's parameterisation."""
+        original = jnp.asarray(original)
+        alpha, sigma = self._noise_scales(state, timesteps, original.ndim)
+        return _noised(original, noise, alpha, sigma)
 
-def _alpha_add_noise(ac: jax.Array, original, noise, timesteps):
-    original = jnp.asarray(original)
-    a = _gather_scalar_or_batch(ac, timesteps, original.ndim)
-    out = jnp.sqrt(a) * original + jnp.sqrt(1 - a) * noise
-    return out.astype(original.dtype)
+    def _noise_scales(self, state, timesteps, ndim: int):
+        """(alpha(t), sigma(t)) of ``add_noise``; each scheduler family supplies it."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class _ZeroSNR(_Base):
+    """Adds ``rescale_betas_zero_snr``: the training betas rescaled so that the last step
+    has zero SNR (Lin et al. 2023)."""
+
+    rescale_betas_zero_snr: bool = False
+
+    def _betas(self) -> np.ndarray:
+        betas = super()._betas()
+        return _zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
+
+
+class _AlphaTables:
+    """DDIM and PNDM: integer timesteps that index the alpha_bar table carried in the
+    state, with ``set_alpha_to_one`` choosing alpha_bar past the end of the table."""
+
+    def _table_fields(self, n: int) -> dict:
+        ac = self.alphas_cumprod()
+        final = _F32(1.0) if self.set_alpha_to_one else ac[0]
+        return dict(
+            alphas_cumprod=jnp.asarray(ac),
+            final_alpha_cumprod=jnp.asarray(final, jnp.float32),
+            step_ratio=jnp.asarray(self.num_train_timesteps // n, jnp.int32),
+        )
+
+    @staticmethod
+    def _alpha_pair(state, t, prev_t):
+        """alpha_bar at ``t`` and at ``prev_t`` (the final value when ``prev_t < 0``)."""
+        a_t = state.alphas_cumprod[t]
+        a_prev = jnp.where(
+            prev_t >= 0, state.alphas_cumprod[jnp.maximum(prev_t, 0)], state.final_alpha_cumprod
+        )
+        return a_t, a_prev
+
+    def _noise_scales(self, state, timesteps, ndim):
+        ac = state.alphas_cumprod if state is not None else jnp.asarray(self.alphas_cumprod())
+        return _alpha_scales(ac, timesteps, ndim)
 
 
 # ---------------------------------------------------------------------------------------
@@ -311,7 +414,7 @@ def _alpha_add_noise(ac: jax.Array, original, noise, timesteps):
 
 
 @dataclasses.dataclass(frozen=True)
-class DDIM(_Base):
+class DDIM(_AlphaTables, _ZeroSNR):
     """DDIM (Song et al. 2021), as diffusers' ``DDIMScheduler``.
 
     Supported: beta_schedule linear / scaled_linear / squaredcos_cap_v2 / trained_betas,
@@ -324,22 +427,18 @@ class DDIM(_Base):
     clip_sample: bool = True
     clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
-    rescale_betas_zero_snr: bool = False
     thresholding: bool = False
 
     def _validate(self):
+        super()._validate()
         _check_false("DDIM", "thresholding", self.thresholding)
 
     def set_timesteps(self, num_inference_steps: int, shape, dtype=jnp.float32) -> DDIMState:
         n, _ = self._check_steps(num_inference_steps, shape)
-        ac = self.alphas_cumprod()
-        final = _F32(1.0) if self.set_alpha_to_one else ac[0]
         return DDIMState(
-            timesteps=jnp.asarray(self._spaced_int_timesteps(n), jnp.int32),
-            alphas_cumprod=jnp.asarray(ac),
-            final_alpha_cumprod=jnp.asarray(final, jnp.float32),
-            step_ratio=jnp.asarray(self.num_train_timesteps // n, jnp.int32),
+            timesteps=jnp.asarray(self._spaced_timesteps(n).astype(np.int64), jnp.int32),
             count=jnp.zeros((), jnp.int32),
+            **self._table_fields(n),
         )
 
     def step(
@@ -363,27 +462,15 @@ class DDIM(_Base):
         if stochastic and key is None and noise is None:
             raise ValueError("DDIM.step with eta > 0 needs a PRNG `key` or explicit `noise`")
         t = state.timesteps[i]
-        prev_t = t - state.step_ratio
-        a_t = state.alphas_cumprod[t]
-        a_prev = jnp.where(
-            prev_t >= 0, state.alphas_cumprod[jnp.maximum(prev_t, 0)], state.final_alpha_cumprod
-        )
+        a_t, a_prev = self._alpha_pair(state, t, t - state.step_ratio)
         b_t = 1 - a_t
         x = sample.astype(jnp.float32)
-        out = model_output.astype(jnp.float32)
-        if self.prediction_type == "epsilon":
-            x0 = (x - jnp.sqrt(b_t) * out) / jnp.sqrt(a_t)
-            eps = out
-        elif self.prediction_type == "v_prediction":
-            x0 = jnp.sqrt(a_t) * x - jnp.sqrt(b_t) * out
-            eps = jnp.sqrt(a_t) * out + jnp.sqrt(b_t) * x
-        else:  # "sample"
-            x0 = out
-            eps = (x - jnp.sqrt(a_t) * x0) / jnp.sqrt(b_t)
+        scales = (jnp.sqrt(a_t), jnp.sqrt(b_t))
+        x0, eps = _x0_and_eps(self.prediction_type, model_output.astype(jnp.float32), x, *scales)
         if self.clip_sample:
             x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
         if use_clipped_model_output:
-            eps = (x - jnp.sqrt(a_t) * x0) / jnp.sqrt(b_t)
+            _, eps = _x0_and_eps("sample", x0, x, *scales)
         # Variance of the DDIM posterior between t and prev_t, scaled by eta.
         var = ((1 - a_prev) / b_t) * (1 - a_t / a_prev)
         std = eta * jnp.sqrt(var)
@@ -393,11 +480,6 @@ class DDIM(_Base):
                 noise = jax.random.normal(key, sample.shape, jnp.float32)
             prev = prev + std * noise.astype(jnp.float32)
         return prev.astype(sample.dtype), state._replace(count=state.count + 1)
-
-    def add_noise(self, state: Optional[DDIMState], original, noise, timesteps):
-        """Forward-diffuse ``original`` to integer ``timesteps`` (scalar or per batch)."""
-        ac = state.alphas_cumprod if state is not None else jnp.asarray(self.alphas_cumprod())
-        return _alpha_add_noise(ac, original, noise, timesteps)
 
 
 # ---------------------------------------------------------------------------------------
@@ -412,7 +494,7 @@ _AB_DEN = np.array([1, 2, 12, 24], dtype=np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
-class PNDM(_Base):
+class PNDM(_AlphaTables, _Base):
     """Pseudo numerical methods (Liu et al. 2022), as diffusers' ``PNDMScheduler``.
 
     ``skip_prk_steps=True`` (Stable Diffusion's setting, this class's default) is PLMS:
@@ -433,7 +515,7 @@ class PNDM(_Base):
 
     def set_timesteps(self, num_inference_steps: int, shape, dtype=jnp.float32) -> PLMSState:
         n, shape = self._check_steps(num_inference_steps, shape)
-        asc = self._spaced_int_timesteps(n)[::-1]
+        asc = self._spaced_timesteps(n).astype(np.int64)[::-1]
         if not self.skip_prk_steps:
             return self._prk_timesteps(n, asc, shape, dtype)
         # Every timestep once, except the second-highest which is visited twice.
@@ -442,16 +524,12 @@ class PNDM(_Base):
 
     def _state(self, steps, n, shape, dtype, **extra) -> PLMSState:
         """A fresh PLMS/PNDM state over the timesteps ``steps`` (``extra``: PRK's fields)."""
-        ac = self.alphas_cumprod()
-        final = _F32(1.0) if self.set_alpha_to_one else ac[0]
         return PLMSState(
             timesteps=jnp.asarray(steps, jnp.int32),
-            alphas_cumprod=jnp.asarray(ac),
-            final_alpha_cumprod=jnp.asarray(final, jnp.float32),
-            step_ratio=jnp.asarray(self.num_train_timesteps // n, jnp.int32),
             ets=jnp.zeros((4,) + shape, dtype),
             cur_sample=jnp.zeros(shape, dtype),
             count=jnp.zeros((), jnp.int32),
+            **self._table_fields(n),
             **extra,
         )
 
@@ -466,15 +544,11 @@ class PNDM(_Base):
         steps = np.concatenate([prk, asc[:-3][::-1]]).astype(np.int64)
         return self._state(steps, n, shape, dtype, cur_model_output=jnp.zeros(shape, dtype))
 
-    def _prev_sample(self, state, x, t, prev_t, eps):
+    def _prev_sample(self, state, x, t, prev_t, out):
         """Eq. (9) of Liu et al. (2022): the transfer from x_t to x_{prev_t}."""
-        a_t = state.alphas_cumprod[t]
-        a_prev = jnp.where(
-            prev_t >= 0, state.alphas_cumprod[jnp.maximum(prev_t, 0)], state.final_alpha_cumprod
-        )
+        a_t, a_prev = self._alpha_pair(state, t, prev_t)
         b_t, b_prev = 1 - a_t, 1 - a_prev
-        if self.prediction_type == "v_prediction":
-            eps = jnp.sqrt(a_t) * eps + jnp.sqrt(b_t) * x
+        _, eps = _x0_and_eps(self.prediction_type, out, x, jnp.sqrt(a_t), jnp.sqrt(b_t))
         denom = a_t * jnp.sqrt(b_prev) + jnp.sqrt(a_t * b_t * a_prev)
         return jnp.sqrt(a_prev / a_t) * x - (a_prev - a_t) * eps / denom
 
@@ -538,32 +612,78 @@ class PNDM(_Base):
         eps = jnp.where(redo, averaged, combined)
         x = jnp.where(redo, state.cur_sample.astype(jnp.float32), sample.astype(jnp.float32))
         cur_sample = jnp.where(c == 0, sample.astype(state.cur_sample.dtype), state.cur_sample)
-
-        a_t = state.alphas_cumprod[t]
-        a_prev = jnp.where(
-            prev_t >= 0, state.alphas_cumprod[jnp.maximum(prev_t, 0)], state.final_alpha_cumprod
-        )
-        b_t, b_prev = 1 - a_t, 1 - a_prev
-        if self.prediction_type == "v_prediction":
-            eps = jnp.sqrt(a_t) * eps + jnp.sqrt(b_t) * x
-        # Eq. (9) of Liu et al. (2022): the transfer from x_t to x_{t-delta}.
-        denom = a_t * jnp.sqrt(b_prev) + jnp.sqrt(a_t * b_t * a_prev)
-        prev = jnp.sqrt(a_prev / a_t) * x - (a_prev - a_t) * eps / denom
+        prev = self._prev_sample(state, x, t, prev_t, eps)
         new_state = state._replace(ets=ets, cur_sample=cur_sample, count=c + 1)
         return prev.astype(sample.dtype), new_state
 
-    def add_noise(self, state: Optional[PLMSState], original, noise, timesteps):
-        """Forward-diffuse ``original`` to integer ``timesteps`` (scalar or per batch)."""
-        ac = state.alphas_cumprod if state is not None else jnp.asarray(self.alphas_cumprod())
-        return _alpha_add_noise(ac, original, noise, timesteps)
-
 
 # ---------------------------------------------------------------------------------------
-# Sigma-parameterised samplers (x = x0 + sigma * eps, model sees x / sqrt(sigma^2 + 1))
+# Sigma-parameterised samplers: the schedule carries sigma = sqrt((1 - a) / a) per step
 # ---------------------------------------------------------------------------------------
 
 
-class _SigmaMixin:
+@dataclasses.dataclass(frozen=True)
+class _SigmaBase(_ZeroSNR):
+    """Schedulers whose state carries a sigma per step (Euler, Euler ancestral,
+    DPM-Solver): training sigma tables, and ``add_noise`` at timesteps of the schedule."""
+
+    timestep_spacing: str = "linspace"
+
+    def _train_tables(self):
+        ac = self.alphas_cumprod()
+        if self.rescale_betas_zero_snr:
+            ac = ac.copy()
+            ac[-1] = _F32(2.0**-24)
+        return ac, _sigmas_from_alphas_cumprod(ac)
+
+    def _scales(self, sigma):
+        """(alpha, sigma) of the sample this scheduler steps, at schedule sigma ``sigma``."""
+        raise NotImplementedError
+
+    def _noise_scales(self, state, timesteps, ndim):
+        if state is None:
+            raise ValueError(f"{type(self).__name__}.add_noise needs the state from set_timesteps")
+        idx = _schedule_index(state.timesteps, timesteps)
+        return self._scales(_gather_scalar_or_batch(state.sigmas, idx, ndim))
+
+
+@dataclasses.dataclass(frozen=True)
+class _SigmaLadder(_SigmaBase):
+    """Adds the noise-level options shared by Euler and DPM-Solver: Karras or exponential
+    sigmas between sigma_min and sigma_max, and the final sigma."""
+
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    sigma_min: Optional[float] = None
+    sigma_max: Optional[float] = None
+    final_sigmas_type: str = "zero"
+
+    def _validate(self):
+        super()._validate()
+        name = type(self).__name__
+        _check_choice(name, "final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
+        _check_false(name, "use_beta_sigmas", self.use_beta_sigmas)
+        if self.use_karras_sigmas and self.use_exponential_sigmas:
+            raise ValueError(f"{name}: use_karras_sigmas and use_exponential_sigmas are exclusive")
+
+    def _ladder(self, n: int, lo: float, hi: float, train_sig: np.ndarray):
+        """``n`` Karras or exponential sigmas from ``sigma_max`` (default ``hi``) down to
+        ``sigma_min`` (default ``lo``) and their fractional training timesteps."""
+        lo = self.sigma_min if self.sigma_min is not None else lo
+        hi = self.sigma_max if self.sigma_max is not None else hi
+        sig = (_karras if self.use_karras_sigmas else _exponential)(lo, hi, n)
+        return sig, _t_from_sigma(sig, np.log(train_sig))
+
+    def _with_final(self, sig: np.ndarray, train_sig: np.ndarray) -> np.ndarray:
+        last = train_sig[0] if self.final_sigmas_type == "sigma_min" else 0.0
+        return np.concatenate([sig, [last]]).astype(_F32)
+
+
+class _VEInput:
+    """Euler and Euler ancestral step the unscaled sample ``x = x0 + sigma * eps``; the
+    model sees ``x / sqrt(sigma^2 + 1)``."""
+
     def init_noise_sigma(self, state: SigmaState) -> jax.Array:
         top = jnp.max(state.sigmas)
         if self.timestep_spacing in ("linspace", "trailing"):
@@ -575,44 +695,21 @@ class _SigmaMixin:
         sigma = state.sigmas[i]
         return (sample / jnp.sqrt(sigma**2 + 1)).astype(sample.dtype)
 
+    def _scales(self, sigma):
+        return 1.0, sigma
+
     def _x0(self, out, x, sigma):
-        if self.prediction_type == "epsilon":
-            return x - sigma * out
-        if self.prediction_type == "v_prediction":
-            return out * (-sigma / jnp.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
-        return out  # "sample"
+        """The data prediction, through the variance-preserving view of ``x``."""
+        alpha, s = _vp_scales(sigma)
+        return _x0_and_eps(self.prediction_type, out, x * alpha, alpha, s)[0]
 
-    def _float_timesteps(self, n: int) -> np.ndarray:
-        T = self.num_train_timesteps
-        if self.timestep_spacing == "linspace":
-            return np.linspace(0, T - 1, n)[::-1].astype(_F32)
-        if self.timestep_spacing == "leading":
-            ratio = T // n
-            ts = (np.arange(n) * ratio).round()[::-1].astype(_F32)
-            return ts + _F32(self.steps_offset)
-        ratio = T / n
-        return np.arange(T, 0, -ratio).round().astype(_F32) - _F32(1)
-
-    def _train_tables(self):
-        ac = self.alphas_cumprod()
-        if getattr(self, "rescale_betas_zero_snr", False):
-            ac = ac.copy()
-            ac[-1] = _F32(2.0**-24)
-        sig = _sigmas_from_alphas_cumprod(ac)
-        return ac, sig
-
-    def add_noise(self, state: SigmaState, original, noise, timesteps):
-        """``original + sigma(t) * noise`` with t looked up in ``state.timesteps``."""
-        if state is None:
-            raise ValueError(f"{type(self).__name__}.add_noise needs the state from set_timesteps")
-        original = jnp.asarray(original)
-        idx = _schedule_index(state.timesteps, timesteps)
-        sigma = _gather_scalar_or_batch(state.sigmas, idx, original.ndim)
-        return (original + noise * sigma).astype(original.dtype)
+    def _sigma_state(self, ts, sig) -> SigmaState:
+        return SigmaState(timesteps=jnp.asarray(np.asarray(ts).astype(_F32)),
+                          sigmas=jnp.asarray(sig), count=jnp.zeros((), jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
-class Euler(_SigmaMixin, _Base):
+class Euler(_VEInput, _SigmaLadder):
     """Euler sampler (Karras et al. 2022, Algorithm 2 without churn), as diffusers'
     ``EulerDiscreteScheduler``.
 
@@ -624,19 +721,11 @@ class Euler(_SigmaMixin, _Base):
     v_prediction, and the stochastic churn (s_churn) step arguments.
     """
 
-    timestep_spacing: str = "linspace"
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
-    sigma_min: Optional[float] = None
-    sigma_max: Optional[float] = None
-    final_sigmas_type: str = "zero"
     interpolation_type: str = "linear"
     timestep_type: str = "discrete"
-    rescale_betas_zero_snr: bool = False
 
     def _validate(self):
-        _check_choice("Euler", "final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
+        super()._validate()
         _check_choice("Euler", "interpolation_type", self.interpolation_type, ("linear",))
         _check_choice("Euler", "timestep_type", self.timestep_type, ("discrete", "continuous"))
         if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
@@ -644,29 +733,15 @@ class Euler(_SigmaMixin, _Base):
                 "Euler: timestep_type='continuous' with v_prediction is not supported "
                 "(supported: timestep_type='discrete')"
             )
-        _check_false("Euler", "use_beta_sigmas", self.use_beta_sigmas)
-        if self.use_karras_sigmas and self.use_exponential_sigmas:
-            raise ValueError("Euler: use_karras_sigmas and use_exponential_sigmas are exclusive")
 
     def set_timesteps(self, num_inference_steps: int, shape, dtype=jnp.float32) -> SigmaState:
         n, _ = self._check_steps(num_inference_steps, shape)
-        ac, train_sig = self._train_tables()
-        log_train = np.log(train_sig)
-        ts = self._float_timesteps(n)
+        _, train_sig = self._train_tables()
+        ts = self._spaced_timesteps(n, rounded=False).astype(_F32)
         sig = np.interp(ts, np.arange(len(train_sig)), train_sig)
         if self.use_karras_sigmas or self.use_exponential_sigmas:
-            lo = self.sigma_min if self.sigma_min is not None else sig[-1].item()
-            hi = self.sigma_max if self.sigma_max is not None else sig[0].item()
-            conv = _karras if self.use_karras_sigmas else _exponential
-            sig = conv(lo, hi, n)
-            ts = _t_from_sigma(sig, log_train)
-        last = train_sig[0] if self.final_sigmas_type == "sigma_min" else 0.0
-        sig = np.concatenate([sig, [last]]).astype(_F32)
-        return SigmaState(
-            timesteps=jnp.asarray(np.asarray(ts).astype(_F32)),
-            sigmas=jnp.asarray(sig),
-            count=jnp.zeros((), jnp.int32),
-        )
+            sig, ts = self._ladder(n, sig[-1].item(), sig[0].item(), train_sig)
+        return self._sigma_state(ts, self._with_final(sig, train_sig))
 
     def step(self, state: SigmaState, model_output, step_index, sample, key=None):
         """One Euler step from ``sigmas[step_index]`` to ``sigmas[step_index + 1]``."""
@@ -680,7 +755,7 @@ class Euler(_SigmaMixin, _Base):
 
 
 @dataclasses.dataclass(frozen=True)
-class EulerAncestral(_SigmaMixin, _Base):
+class EulerAncestral(_VEInput, _SigmaBase):
     """Euler ancestral sampler, as diffusers' ``EulerAncestralDiscreteScheduler``.
 
     ``step`` needs a PRNG ``key`` (or the Gaussian ``noise`` itself, which takes precedence).
@@ -689,20 +764,14 @@ class EulerAncestral(_SigmaMixin, _Base):
     rescale_betas_zero_snr.
     """
 
-    timestep_spacing: str = "linspace"
-    rescale_betas_zero_snr: bool = False
-
     _PREDICTIONS: ClassVar[Tuple[str, ...]] = ("epsilon", "v_prediction")
 
     def set_timesteps(self, num_inference_steps: int, shape, dtype=jnp.float32) -> SigmaState:
         n, _ = self._check_steps(num_inference_steps, shape)
         _, train_sig = self._train_tables()
-        ts = self._float_timesteps(n)
+        ts = self._spaced_timesteps(n, rounded=False).astype(_F32)
         sig = np.interp(ts, np.arange(len(train_sig)), train_sig)
-        sig = np.concatenate([sig, [0.0]]).astype(_F32)
-        return SigmaState(
-            timesteps=jnp.asarray(ts), sigmas=jnp.asarray(sig), count=jnp.zeros((), jnp.int32)
-        )
+        return self._sigma_state(ts, np.concatenate([sig, [0.0]]).astype(_F32))
 
     def step(self, state: SigmaState, model_output, step_index, sample, key=None, *, noise=None):
         """Deterministic step down to sigma_down, then fresh noise of scale sigma_up."""
@@ -730,9 +799,10 @@ class EulerAncestral(_SigmaMixin, _Base):
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverMultistep(_SigmaMixin, _Base):
+class DPMSolverMultistep(_SigmaLadder):
     """DPM-Solver++ multistep (Lu et al. 2022) of order 1 or 2 ("DPM++ 2M"), as diffusers'
-    ``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"``.
+    ``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"``. It steps the
+    variance-preserving sample (the model input is the sample itself).
 
     Supported: beta_schedule linear / scaled_linear / squaredcos_cap_v2 / trained_betas,
     prediction_type epsilon / v_prediction / sample, all three timestep spacings,
@@ -743,44 +813,30 @@ class DPMSolverMultistep(_SigmaMixin, _Base):
     flow sigmas, dynamic shifting.
     """
 
-    timestep_spacing: str = "linspace"
     solver_order: int = 2
     algorithm_type: str = "dpmsolver++"
     solver_type: str = "midpoint"
     lower_order_final: bool = True
     euler_at_final: bool = False
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     use_lu_lambdas: bool = False
     use_flow_sigmas: bool = False
     use_dynamic_shifting: bool = False
-    sigma_min: Optional[float] = None
-    sigma_max: Optional[float] = None
-    final_sigmas_type: str = "zero"
     lambda_min_clipped: float = -math.inf
     variance_type: Optional[str] = None
     thresholding: bool = False
-    rescale_betas_zero_snr: bool = False
 
     def _validate(self):
+        super()._validate()
         n = "DPMSolverMultistep"
         _check_choice(n, "algorithm_type", self.algorithm_type, ("dpmsolver++",))
         _check_choice(n, "solver_order", self.solver_order, (1, 2))
         _check_choice(n, "solver_type", self.solver_type, ("midpoint", "heun"))
-        _check_choice(n, "final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
         _check_choice(n, "variance_type", self.variance_type, (None,))
-        for f in ("thresholding", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
-                  "use_dynamic_shifting"):
+        for f in ("thresholding", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
             _check_false(n, f, getattr(self, f))
-        if self.use_karras_sigmas and self.use_exponential_sigmas:
-            raise ValueError(f"{n}: use_karras_sigmas and use_exponential_sigmas are exclusive")
 
-    def init_noise_sigma(self, state) -> jax.Array:
-        return jnp.asarray(1.0, jnp.float32)
-
-    def scale_model_input(self, state, sample, step_index):
-        return sample
+    def _scales(self, sigma):
+        return _vp_scales(sigma)
 
     def set_timesteps(self, num_inference_steps: int, shape, dtype=jnp.float32) -> DPMState:
         n, shape = self._check_steps(num_inference_steps, shape)
@@ -789,30 +845,17 @@ class DPMSolverMultistep(_SigmaMixin, _Base):
         # Largest usable timestep given lambda_min_clipped (log-SNR/2 decreasing in t).
         lam = (np.log(np.sqrt(ac)) - np.log(np.sqrt(_F32(1.0) - ac))).astype(_F32)
         last_t = T - int(np.searchsorted(lam[::-1], self.lambda_min_clipped, side="left"))
-        if self.timestep_spacing == "linspace":
-            ts = np.linspace(0, last_t - 1, n + 1).round()[::-1][:-1].astype(np.int64)
-        elif self.timestep_spacing == "leading":
-            ratio = last_t // (n + 1)
-            ts = (np.arange(n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + self.steps_offset
-        else:
-            ts = np.arange(last_t, 0, -(T / n)).round().astype(np.int64) - 1
-        log_train = np.log(train_sig)
+        ts = self._spaced_timesteps(n, last=last_t, extra=1).astype(np.int64)
         if self.use_karras_sigmas or self.use_exponential_sigmas:
-            lo = self.sigma_min if self.sigma_min is not None else train_sig[0].item()
-            hi = self.sigma_max if self.sigma_max is not None else train_sig[-1].item()
-            conv = _karras if self.use_karras_sigmas else _exponential
-            sig = conv(lo, hi, n)
-            tf = _t_from_sigma(sig, log_train)
+            sig, tf = self._ladder(n, train_sig[0].item(), train_sig[-1].item(), train_sig)
             if self.use_karras_sigmas and self.beta_schedule != "squaredcos_cap_v2":
                 tf = tf.round()
             ts = tf.astype(np.int64)
         else:
             sig = np.interp(ts, np.arange(len(train_sig)), train_sig)
-        last = train_sig[0] if self.final_sigmas_type == "sigma_min" else 0.0
-        sig = np.concatenate([sig, [last]]).astype(_F32)
         return DPMState(
             timesteps=jnp.asarray(ts, jnp.int32),
-            sigmas=jnp.asarray(sig),
+            sigmas=jnp.asarray(self._with_final(sig, train_sig)),
             prev_x0=jnp.zeros(shape, dtype),
             count=jnp.zeros((), jnp.int32),
         )
@@ -832,27 +875,16 @@ class DPMSolverMultistep(_SigmaMixin, _Base):
         """
         i = self._check_index(step_index)
         n = state.timesteps.shape[0]
-
-        def alpha_sigma(s):
-            a = 1 / jnp.sqrt(s**2 + 1)
-            return a, s * a
-
-        a_t, s_t = alpha_sigma(state.sigmas[i + 1])
-        a_0, s_0 = alpha_sigma(state.sigmas[i])
-        a_1, s_1 = alpha_sigma(state.sigmas[jnp.maximum(i - 1, 0)])
+        a_t, s_t = _vp_scales(state.sigmas[i + 1])
+        a_0, s_0 = _vp_scales(state.sigmas[i])
+        a_1, s_1 = _vp_scales(state.sigmas[jnp.maximum(i - 1, 0)])
         lam_t = jnp.log(a_t) - jnp.log(s_t)
         lam_0 = jnp.log(a_0) - jnp.log(s_0)
         lam_1 = jnp.log(a_1) - jnp.log(s_1)
         h = lam_t - lam_0
 
         x = sample.astype(jnp.float32)
-        out = model_output.astype(jnp.float32)
-        if self.prediction_type == "epsilon":
-            x0 = (x - s_0 * out) / a_0
-        elif self.prediction_type == "v_prediction":
-            x0 = a_0 * x - s_0 * out
-        else:
-            x0 = out
+        x0, _ = _x0_and_eps(self.prediction_type, model_output.astype(jnp.float32), x, a_0, s_0)
 
         # Data-prediction exponential integrator: x_t = (s_t/s_0) x + A x0 + k (x0 - x0_prev),
         # where k = 0 gives the first-order (DDIM-like) update.
@@ -874,16 +906,6 @@ class DPMSolverMultistep(_SigmaMixin, _Base):
         prev = (s_t / s_0) * x + A * x0 + k * diff
         new_state = state._replace(prev_x0=x0.astype(state.prev_x0.dtype), count=state.count + 1)
         return prev.astype(sample.dtype), new_state
-
-    def add_noise(self, state: DPMState, original, noise, timesteps):
-        """``alpha(t) * original + sigma(t) * noise`` with t looked up in the schedule."""
-        if state is None:
-            raise ValueError("DPMSolverMultistep.add_noise needs the state from set_timesteps")
-        original = jnp.asarray(original)
-        idx = _schedule_index(state.timesteps, timesteps)
-        s = _gather_scalar_or_batch(state.sigmas, idx, original.ndim)
-        a = 1 / jnp.sqrt(s**2 + 1)
-        return (a * original + (s * a) * noise).astype(original.dtype)
 
 
 # ---------------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ BUGS = {
          "tests/test_unet_merge.py::test_tome_blocks_draw_distinct_destinations"]),
     "ddim-sample": (
         "retom_jax/schedulers.py",
-        "x0 = out\n            eps = (x - jnp.sqrt(a_t) * x0) / jnp.sqrt(b_t)",
-        "x0 = out\n            eps = (x - a_t * x0) / jnp.sqrt(b_t)",
+        "return out, (x - alpha * out) / sigma  # \"sample\"",
+        "return out, (x - alpha * alpha * out) / sigma  # \"sample\"",
         ["tests/test_schedulers.py::test_trajectory_matches_diffusers[ddim-sample]"]),
     "dpm-15": (
         "retom_jax/schedulers.py",
