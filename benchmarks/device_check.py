@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
                     outs = []
                     for unet, dtype, precision in ((fast, jnp.bfloat16, None),
                                                    (ref, jnp.float32, "highest")):
+                        t0 = time.perf_counter()
                         sample, t, ehs, added = jax.tree.map(
                             lambda a: a.astype(dtype) if a.dtype == jnp.float32 else a,
                             inputs)
@@ -109,6 +111,9 @@ def main(argv=None) -> int:
                                        key=key if merge is not None else None)
                         pred, new_state = out if state is not None else (out, None)
                         outs.append((np.asarray(pred, np.float32), representatives(new_state)))
+                        # progress: on a new device the first (compile + autotune) may be slow
+                        print(f"  {model} {size}px {method} {jnp.dtype(dtype).name}: compiled "
+                              f"and ran in {time.perf_counter() - t0:.1f} s", flush=True)
                     (got, rep_a), (want, rep_b) = outs
                     row["finite"] = bool(np.isfinite(got).all() and np.isfinite(want).all())
                     row["ref_rms"] = float(np.sqrt(np.mean(want ** 2)))

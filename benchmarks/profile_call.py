@@ -29,12 +29,12 @@ from common import jax, jnp  # noqa: E402
 
 # (kind, substrings of a lower-cased op/kernel name); the first match wins
 KINDS = (
-    ("attention", ("fmha", "flash", "cudnn", "attention", "sdpa")),
+    ("convolution", ("conv",)),  # before attention: cuDNN names both ("cudnn-conv...")
+    ("attention", ("fmha", "flash", "attention", "sdpa")),
     ("sort", ("sort", "topk", "top_k", "argsort")),
     ("scatter", ("scatter",)),
     ("gather", ("gather", "dynamic-slice", "dynamic_slice", "take")),
     ("matmul", ("gemm", "cublas", "cutlass", "dot", "matmul", "sm90_xmma", "wgmma")),
-    ("convolution", ("conv",)),
     ("reduction", ("reduce", "reduction")),
     ("copy", ("copy", "memcpy", "memset", "transpose")),
 )
@@ -65,6 +65,8 @@ def device_events(trace: dict) -> list[dict]:
 
 
 def summarize(events: list[dict], calls: int, top: int = 25) -> dict:
+    """Per-call times by kind and the ``top`` ops; ``all_ops`` keeps every op (with its
+    kernel name) so that a later reading can group them differently."""
     by_name: dict = collections.defaultdict(lambda: [0.0, 0])
     by_kind: dict = collections.defaultdict(float)
     for e in events:
@@ -75,7 +77,8 @@ def summarize(events: list[dict], calls: int, top: int = 25) -> dict:
         by_name[label][1] += 1
         by_kind[kind_of(f"{name} {e.get('name', '')}")] += e["dur"] / 1e3
     total = sum(by_kind.values()) or 1.0
-    rows = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    rows = ranked[:top]
     return dict(
         device_ms_per_call=total / calls,
         kinds={k: dict(ms_per_call=v / calls, share=v / total)
@@ -83,6 +86,7 @@ def summarize(events: list[dict], calls: int, top: int = 25) -> dict:
         merge_share=sum(by_kind.get(k, 0.0) for k in MERGE_KINDS) / total,
         top_ops=[dict(op=n, ms_per_call=v[0] / calls, count_per_call=v[1] / calls,
                       share=v[0] / total) for n, v in rows],
+        all_ops={n: round(v[0] / calls, 5) for n, v in ranked},
     )
 
 

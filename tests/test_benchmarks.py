@@ -193,3 +193,22 @@ def test_attention_memory_tiny(tmp_path):
     assert chunked["xla_temp_gb"] < plain["xla_temp_gb"]
     assert chunked["gflops"] < plain["gflops"] == plain["gflops_per_trip"]
     assert chunked["gflops_per_trip"] == pytest.approx(plain["gflops"], rel=1e-3)
+
+
+def test_profile_call_tiny(tmp_path):
+    """The trace is read back: per-call device time, kinds that add up, a sort kernel
+    (ReToM's ranking) counted as merge work; cuDNN convolutions are not attention."""
+    import profile_call
+
+    assert profile_call.kind_of("cudnn-conv-bias-activation.3 sm90_xmma_fprop") == "convolution"
+    assert profile_call.kind_of("command_buffer_1 cudnn_generated_native_sdpa_flash") == "attention"
+    assert profile_call.kind_of("wrapped_sort") == "sort"
+    out = tmp_path / "profile.json"
+    profile_call.main(["--model", "sd15-tiny", "--size", "64", "--dtype", "fp32",
+                       "--method", "retom", "--iters", "2", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["device_ms_per_call"] > 0
+    assert abs(sum(k["share"] for k in data["kinds"].values()) - 1) < 1e-6
+    assert data["kinds"].get("sort", {}).get("ms_per_call", 0) > 0, data["kinds"]
+    assert 0 < data["merge_share"] < 1
+    assert sum(data["all_ops"].values()) == pytest.approx(data["device_ms_per_call"], rel=1e-3)
