@@ -45,7 +45,11 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--methods", nargs="*", default=["none", "retom"],
-                   choices=[m for m in common.METHODS if not m.startswith("free")])
+                   choices=[m for m in common.METHODS if m != "free_todo"],
+                   help="merge methods (free: the zero-overhead probe)")
+    p.add_argument("--max-downsample", type=int, nargs="+",
+                   help="also measure each merging method at these max_downsample values "
+                        "(default: the method's own, as in unet_speed.py)")
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--attention", default="xla", help="attention implementation (default xla)")
     p.add_argument("--chunk-bytes", nargs="+", default=["inf", "default"],
@@ -134,6 +138,19 @@ def layer_speed(attn, config, size, batch, dtype, iters, chunk_bytes):
     return rows
 
 
+def method_configs(args, first):
+    """(method, merge config) rows: each method at its own max_downsample, then at each
+    ``--max-downsample`` value that differs."""
+    import dataclasses
+
+    for method in args.methods:
+        merge = common.make_merge(method, args.ratio, first)
+        yield method, merge
+        for md in args.max_downsample or ():
+            if merge is not None and md != merge.max_downsample:
+                yield method, dataclasses.replace(merge, max_downsample=md)
+
+
 def main(argv=None):
     args = parse_args(argv)
     from flax import nnx
@@ -162,8 +179,7 @@ def main(argv=None):
     try:
         for chunk_text in args.chunk_bytes:
             attn.XLA_CHUNK_BYTES = chunk_value(chunk_text, default_chunk)
-            for method in args.methods:
-                merge = common.make_merge(method, args.ratio, first)
+            for method, merge in method_configs(args, first):
                 jitted = jax.jit(lambda p, s, t, e, a, merge=merge: unet.apply(
                     p, s, t, e, a, merge=merge))
                 t0 = time.perf_counter()
@@ -174,6 +190,7 @@ def main(argv=None):
                 gflops = cost.get("flops", float("nan")) / 1e9
                 row = {"kind": "unet", "model": args.model, "size": args.size, "batch": args.batch,
                        "dtype": common.dtype_name(dtype), "method": method,
+                       "max_downsample": None if merge is None else merge.max_downsample,
                        "ratio": args.ratio if merge is not None else 0.0,
                        "attention": args.attention,
                        "chunk_bytes": attn.XLA_CHUNK_BYTES, "chunk_setting": chunk_text,
@@ -182,7 +199,7 @@ def main(argv=None):
                        "bytes_accessed_gb": cost.get("bytes accessed", float("nan")) / 1e9,
                        "wall_s": time.perf_counter() - t0}
                 writer.add(row)
-                print(f"{method:>6} chunk={chunk_text:>8}: temp {row['xla_temp_gb']:.2f} GB, "
+                print(f"{method:>6} md={row['max_downsample']} chunk={chunk_text:>8}: temp {row['xla_temp_gb']:.2f} GB, "
                       f"total {row['xla_total_gb']:.2f} GB, {row['gflops']:.0f} GFLOP "
                       f"({row['gflops_per_trip']:.0f} counting every chunk), "
                       f"compile {row['compile_s']:.0f} s", flush=True)
