@@ -34,6 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from retom_jax.demo import DEMO_UNET  # noqa: E402
 from retom_jax.unet import init_unet  # noqa: E402
 from retom_jax.weights import random_state  # noqa: E402
 
@@ -106,12 +107,7 @@ SDXL = {
 }
 
 # Tiny versions of the same families for CPU smoke runs (seconds to compile).
-SD15_TINY = {
-    "block_out_channels": [32, 64], "layers_per_block": 1, "sample_size": 16,
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 8,
-}
+SD15_TINY = dict(DEMO_UNET)  # the demo pipeline's UNet (retom_jax.demo)
 SDXL_TINY = {
     "block_out_channels": [32, 64], "layers_per_block": 1, "sample_size": 16,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
@@ -326,29 +322,23 @@ def ratio_for(method: str, ratio: float) -> float:
 
 
 def make_merge(method: str, ratio: float, first_level: int = 1):
-    """The merge config object for a method (None for ``"none"``)."""
-    from retom_jax import ReToM, ToDo, ToMe
+    """The merge config object for a method (None for ``"none"``): the library's
+    ``cli.merge_config`` with the variant's options, or a zero-overhead probe."""
+    from retom_jax.cli import merge_config
 
     md = max_downsample_for(method, first_level)
-    if method == "none":
-        return None
-    if method in ("tome", "tome_md2"):
-        return ToMe(ratio=ratio, max_downsample=md)
-    if method == "retom":
-        return ReToM(ratio=ratio, max_downsample=md)
-    if method == "retom_global":
-        return ReToM(ratio=ratio, matching="global", max_downsample=md)
-    if method in ("retom_cached", "retom_cached_static"):
-        return ReToM(ratio=ratio, max_downsample=md, cache_step=0, cache="representatives")
-    if method in ("retom_cached_plan", "retom_cached_plan_static"):
-        return ReToM(ratio=ratio, max_downsample=md, cache_step=0, cache="plan")
-    if method == "todo":
-        return ToDo(factor=TODO_FACTOR, max_downsample=md)
     if method == "free":
         return FreeMerge(ratio=ratio, max_downsample=md)
     if method == "free_todo":
         return FreeToDo(factor=TODO_FACTOR, max_downsample=md)
-    raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    base = method.split("_")[0]  # tome_md2 -> tome, retom_cached_plan_static -> retom
+    options = {"retom_global": dict(matching="global")}.get(method, {})
+    if method.startswith("retom_cached"):
+        plan = method.startswith("retom_cached_plan")
+        options = dict(cache_step=0, cache="plan" if plan else "representatives")
+    return merge_config(base, ratio, md, todo_factor=TODO_FACTOR, **options)
 
 
 def merges_anywhere(merge, config) -> bool:

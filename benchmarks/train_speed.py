@@ -94,20 +94,7 @@ def measure(trainer, batch, args):
     (its buffers are donated)."""
     state = trainer.init(jax.random.key(0))
     key = jax.random.key(1)
-    t0 = time.perf_counter()
-    lowered = trainer.lower(state, batch, key)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    info = {"trace_s": t1 - t0, "compile_s": t2 - t1, "xla_temp_gb": None, "xla_total_gb": None}
-    try:
-        m = compiled.memory_analysis()
-        if m is not None:
-            info["xla_temp_gb"] = m.temp_size_in_bytes / 1e9
-            info["xla_total_gb"] = (m.argument_size_in_bytes + m.output_size_in_bytes
-                                    + m.temp_size_in_bytes - m.alias_size_in_bytes) / 1e9
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        pass
+    compiled, info = common.compile_jitted(trainer, state, batch, key)  # trainer.lower(...)
     frozen = trainer.frozen()
     times, loss = [], None
     for i in range(args.warmup + args.iters):

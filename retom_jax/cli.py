@@ -325,23 +325,33 @@ def check_merge_options(args):
                              f"--merge {args.merge}: drop it or change --merge")
 
 
-def make_merge(args, first_level: int):
-    """The merge config the options ask for (ValueError if they do not make one)."""
+def merge_config(method: str, ratio: float = 0.5, max_downsample: int = 1, *,
+                 window=(2, 2), matching: str = "local", cache_step=None, cache=None,
+                 schedule=(), todo_factor: int = 2):
+    """The merge config of ``method`` ("tome", "retom", "todo"; None for "none"): what the
+    command line's options and the benchmarks build (ValueError if they make none)."""
     from .merge import ReToM, ToDo, ToMe
 
-    level = args.max_downsample or first_level
-    ratio = 0.5 if args.ratio is None else args.ratio
-    window = args.window or (2, 2)
-    if args.merge == "tome":
+    if method == "tome":
         sy, sx = window
-        return ToMe(ratio=ratio, max_downsample=level, sx=sx, sy=sy)
-    if args.merge == "retom":
-        return ReToM(ratio=ratio, window=window, matching=args.matching or "local",
-                     cache_step=args.cache_step, max_downsample=level,
-                     schedule=tuple(args.window_schedule or ()))
-    if args.merge == "todo":
-        return ToDo(factor=args.todo_factor or 2, max_downsample=level)
-    return None
+        return ToMe(ratio=ratio, max_downsample=max_downsample, sx=sx, sy=sy)
+    if method == "retom":
+        extra = {} if cache is None else {"cache": cache}
+        return ReToM(ratio=ratio, window=window, matching=matching, cache_step=cache_step,
+                     max_downsample=max_downsample, schedule=tuple(schedule), **extra)
+    if method == "todo":
+        return ToDo(factor=todo_factor, max_downsample=max_downsample)
+    if method == "none":
+        return None
+    raise ValueError(f"unknown merging method {method!r}; choose from tome, retom, todo, none")
+
+
+def make_merge(args, first_level: int):
+    """The merge config the options ask for (ValueError if they do not make one)."""
+    return merge_config(args.merge, 0.5 if args.ratio is None else args.ratio,
+                        args.max_downsample or first_level, window=args.window or (2, 2),
+                        matching=args.matching or "local", cache_step=args.cache_step,
+                        schedule=args.window_schedule or (), todo_factor=args.todo_factor or 2)
 
 
 def _output_paths(out: str, n: int) -> list[Path]:

@@ -33,10 +33,9 @@ import numpy as np
 from flax import nnx
 
 from .attention import check_implementation, dot_product_attention
-from .sharding import param_placement
 from .layers import layer_norm, linear
-from .weights import (CheckpointError, abstract_module, cached_snapshot, load_params,
-                      parse_dtype, read_config, read_state_dict, resolve_folder)
+from .weights import (CheckpointError, cached_snapshot, config_errors, config_fields, dtypes,
+                      load_module, read_model_config)
 
 __all__ = [
     "TextEncoderConfig", "TextEncoderOutput", "TextEncoder", "CLIPTextModel",
@@ -60,18 +59,37 @@ ACTIVATIONS = {
 
 ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
-# Defaults of transformers' CLIPTextConfig, used for keys a config.json leaves out.
-_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
-                 num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=77,
-                 hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=512,
-                 pad_token_id=1, bos_token_id=49406, eos_token_id=49407)
+# transformers' CLIPTextConfig default for the projection head's width (the dataclass
+# default is None: a plain CLIPTextModel has no projection).
+_PROJECTION_DIM = 512
 
 
 # ----------------------------------------------------------------------------- config
 
+def check_encoder_fields(config, more_ints: tuple = ()) -> None:
+    """``ValueError`` unless the transformer-stack fields of a CLIP text or image config
+    are usable: positive integer sizes (and ``more_ints``), a width the heads divide, a
+    known activation, a positive ``layer_norm_eps``."""
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads") + tuple(more_ints):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"hidden_size {config.hidden_size} is not divisible by "
+                         f"num_attention_heads {config.num_attention_heads}")
+    if config.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: "
+                         f"{', '.join(ACTIVATIONS)}")
+    if not (isinstance(config.layer_norm_eps, (int, float)) and config.layer_norm_eps > 0):
+        raise ValueError(f"layer_norm_eps must be a positive number, "
+                         f"got {config.layer_norm_eps!r}")
+
+
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    """The fields of a transformers ``CLIPTextConfig`` that the forward pass needs.
+    """The fields of a transformers ``CLIPTextConfig`` that the forward pass needs, with
+    transformers' defaults.
 
     ``projection_dim`` is ``None`` for the plain ``CLIPTextModel`` (no ``text_embeds``).
     ``eos_token_id == 2`` selects the legacy pooling of old checkpoints (the position of
@@ -80,10 +98,10 @@ class TextEncoderConfig:
 
     architecture: str = "CLIPTextModel"
     vocab_size: int = 49408
-    hidden_size: int = 768
-    intermediate_size: int = 3072
+    hidden_size: int = 512
+    intermediate_size: int = 2048
     num_hidden_layers: int = 12
-    num_attention_heads: int = 12
+    num_attention_heads: int = 8
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
@@ -96,20 +114,7 @@ class TextEncoderConfig:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"unknown CLIP text architecture {self.architecture!r}; "
                              f"supported: {', '.join(ARCHITECTURES)}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: "
-                             f"{', '.join(ACTIVATIONS)}")
-        if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
-            raise ValueError(f"layer_norm_eps must be a positive number, "
-                             f"got {self.layer_norm_eps!r}")
+        check_encoder_fields(self, ("vocab_size", "max_position_embeddings"))
         if self.with_projection:
             if not isinstance(self.projection_dim, int) or self.projection_dim < 1:
                 raise ValueError(f"{self.architecture} needs a positive integer "
@@ -131,35 +136,33 @@ class TextEncoderConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config.json") -> "TextEncoderConfig":
-        """Read a transformers ``config.json`` dict; ``CheckpointError`` naming ``where``
-        when it is not a supported CLIP text encoder."""
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{where} does not hold a JSON object")
-        archs = raw.get("architectures")
-        if not archs:
-            raise CheckpointError(
-                f"{where} has no 'architectures' entry; expected one of {', '.join(ARCHITECTURES)}")
-        archs = [archs] if isinstance(archs, str) else list(archs)
-        known = [a for a in archs if a in ARCHITECTURES]
-        if not known:
-            raise CheckpointError(
-                f"{where} declares architecture(s) {archs}, which retom-jax's CLIP text "
-                f"encoder does not implement; supported: {', '.join(ARCHITECTURES)}")
-        arch = known[0]
-        values = {k: raw.get(k, d) for k, d in _DEFAULTS.items()}
-        eos = values["eos_token_id"]
-        if isinstance(eos, (list, tuple)) and len(eos) == 1:
-            eos = eos[0]
-        if not isinstance(eos, int) or isinstance(eos, bool):
-            raise CheckpointError(f"{where}: eos_token_id must be one integer (the pooled "
-                                  f"output is taken at the EOS token), got {eos!r}")
-        values["eos_token_id"] = eos
-        if arch != "CLIPTextModelWithProjection":
-            values["projection_dim"] = None
-        try:
-            return cls(architecture=arch, **values)
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{where}: {e}") from None
+        """Read a transformers ``config.json`` dict; ``CheckpointError`` starting with
+        ``where`` when it is not a supported CLIP text encoder."""
+        with config_errors(where):
+            values = config_fields(cls, raw)
+            archs = raw.get("architectures")
+            if not archs:
+                raise ValueError(f"no 'architectures' entry; expected one of "
+                                 f"{', '.join(ARCHITECTURES)}")
+            archs = [archs] if isinstance(archs, str) else list(archs)
+            known = [a for a in archs if a in ARCHITECTURES]
+            if not known:
+                raise ValueError(f"declares architecture(s) {archs}, which retom-jax's CLIP "
+                                 f"text encoder does not implement; supported: "
+                                 f"{', '.join(ARCHITECTURES)}")
+            values["architecture"] = known[0]
+            eos = values.get("eos_token_id", cls.eos_token_id)
+            if isinstance(eos, (list, tuple)) and len(eos) == 1:
+                eos = eos[0]
+            if not isinstance(eos, int) or isinstance(eos, bool):
+                raise ValueError(f"eos_token_id must be one integer (the pooled output is "
+                                 f"taken at the EOS token), got {eos!r}")
+            values["eos_token_id"] = eos
+            if known[0] == "CLIPTextModelWithProjection":
+                values.setdefault("projection_dim", _PROJECTION_DIM)
+            else:
+                values["projection_dim"] = None
+            return cls(**values)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -338,15 +341,6 @@ def check_input_ids_shape(shape: tuple, dtype, config: TextEncoderConfig) -> Non
         raise ValueError(f"input_ids must hold integer token ids, got dtype {dtype}")
 
 
-def _forward(graphdef, config: TextEncoderConfig, params, input_ids) -> TextEncoderOutput:
-    check_input_ids_shape(jnp.shape(input_ids), jnp.result_type(input_ids), config)
-    return nnx.merge(graphdef, params)(jnp.asarray(input_ids))
-
-
-# One compiled function per (structure, config, shapes): encoders loaded twice share it.
-_forward_jit = jax.jit(_forward, static_argnums=(0, 1))
-
-
 class TextEncoder:
     """A loaded CLIP text encoder: ``config``, ``graphdef`` and ``params``.
 
@@ -360,9 +354,11 @@ class TextEncoder:
         self.params = params
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
+        self._jitted = jax.jit(self.apply)
 
     def apply(self, params, input_ids) -> TextEncoderOutput:
-        return _forward(self.graphdef, self.config, params, input_ids)
+        check_input_ids_shape(jnp.shape(input_ids), jnp.result_type(input_ids), self.config)
+        return nnx.merge(self.graphdef, params)(jnp.asarray(input_ids))
 
     def apply_final_layer_norm(self, params, hidden):
         """The encoder's final LayerNorm on ``hidden`` (a ``hidden_states`` entry): what
@@ -378,7 +374,7 @@ class TextEncoder:
                 raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}) (the "
                                  f"vocabulary size); got values from {lo} to {hi}")
             input_ids = input_ids.astype(np.int32)
-        return _forward_jit(self.graphdef, self.config, self.params, input_ids)
+        return self._jitted(self.params, input_ids)
 
     @property
     def module(self) -> nnx.Module:
@@ -407,8 +403,7 @@ def _torch_layout_keys(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def build_text_encoder(config: TextEncoderConfig, *, dtype=jnp.float32, param_dtype=None,
                        attention="auto", rngs: nnx.Rngs | None = None) -> nnx.Module:
     """A randomly initialised module for ``config`` (for tests and experiments)."""
-    dtype = parse_dtype(dtype)
-    param_dtype = dtype if param_dtype is None else parse_dtype(param_dtype)
+    dtype, param_dtype = dtypes(dtype, param_dtype)
     check_implementation(attention)
     return MODEL_CLASSES[config.architecture](config, attention=attention, dtype=dtype,
                                               param_dtype=param_dtype,
@@ -428,16 +423,13 @@ def load_text_encoder(path, dtype=jnp.float32, param_dtype=None,
     ``CLIPTextModelWithProjection``) comes from ``architectures`` in ``config.json``.
     ``mesh``: place the parameters on it (``sharding.LOGICAL_AXIS_RULES``).
     """
-    dtype = parse_dtype(dtype)
-    param_dtype = dtype if param_dtype is None else parse_dtype(param_dtype)
+    dtype, param_dtype = dtypes(dtype, param_dtype)
     check_implementation(attention)
-    folder = resolve_folder(path, subfolder)
-    config = TextEncoderConfig.from_dict(read_config(folder), where=str(folder / "config.json"))
-    state = _torch_layout_keys(read_state_dict(folder, "model", variant))
-    module = abstract_module(lambda rngs: MODEL_CLASSES[config.architecture](
-        config, attention=attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
-    graphdef, params = load_params(module, state, param_dtype, where=str(folder),
-                                   placement=param_placement(mesh))
+    folder, config = read_model_config(path, subfolder, TextEncoderConfig)
+    graphdef, params = load_module(
+        folder, lambda rngs: MODEL_CLASSES[config.architecture](
+            config, attention=attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+        param_dtype, stem="model", variant=variant, mesh=mesh, convert=_torch_layout_keys)
     encoder = TextEncoder(config, graphdef, params, dtype=dtype, param_dtype=param_dtype)
     encoder.mesh = mesh
     return encoder

@@ -49,7 +49,7 @@ import numpy as np
 from . import features, sharding, weights
 from .clip import load_text_encoder, load_tokenizer, tokenize
 from .memory import check_fits
-from .merge import loop_segments
+from .merge import _is_int, loop_segments
 from .schedulers import from_config as scheduler_from_config
 from .unet import load_unet
 from .vae import load_vae
@@ -107,10 +107,6 @@ class PipelineOutput:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
 
 def _prompt_list(prompt, name="prompt") -> list[str]:
     if isinstance(prompt, str):

@@ -49,7 +49,7 @@ def _check_fields(cfg: dict):
     """The types and ranges of the fields that shape the model (ValueError naming the
     field), so that a malformed config.json fails here and not deep in the model."""
     def fail(name, what):
-        raise ValueError(f"UNet config: {name} must be {what}, got {cfg[name]!r}")
+        raise ValueError(f"{name} must be {what}, got {cfg[name]!r}")
 
     def ints(name, one_ok=True):  # a positive int, or a list of them
         if name not in cfg:
@@ -78,12 +78,12 @@ def _check_fields(cfg: dict):
     for name in ("down_block_types", "up_block_types"):
         n = len(cfg.get(name, getattr(UNetConfig, name)))
         if n != len(channels):
-            raise ValueError(f"UNet config: {name} has {n} entries but block_out_channels "
+            raise ValueError(f"{name} has {n} entries but block_out_channels "
                              f"has {len(channels)}")
-    groups = cfg.get("norm_num_groups", 32)
+    groups = cfg.get("norm_num_groups", UNetConfig.norm_num_groups)
     bad = [c for c in channels if c % groups]
     if bad:
-        raise ValueError(f"UNet config: norm_num_groups={groups} does not divide "
+        raise ValueError(f"norm_num_groups={groups} does not divide "
                          f"block_out_channels {bad}")
     size = cfg.get("sample_size")
     if size is not None and not _is_pos_int(size) and not (
@@ -95,16 +95,25 @@ def _check_fields(cfg: dict):
 def _per_level(value, n, name):
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise ValueError(f"UNet config: {name} has {len(value)} entries for {n} blocks")
+            raise ValueError(f"{name} has {len(value)} entries for {n} blocks")
         if any(isinstance(v, (list, tuple)) for v in value):
-            raise ValueError(f"UNet config: per-layer nested {name} is not supported")
+            raise ValueError(f"per-layer nested {name} is not supported")
         return tuple(value)
     return (value,) * n
 
 
+# Fields with one value per level (a single value in config.json means every level).
+_PER_LEVEL = ("layers_per_block", "transformer_layers_per_block", "num_attention_heads",
+              "cross_attention_dim")
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """The fields of a diffusers ``UNet2DConditionModel`` config that shape the model."""
+    """The fields of a diffusers ``UNet2DConditionModel`` config that shape the model,
+    with diffusers' defaults. The per-level fields (``layers_per_block``,
+    ``transformer_layers_per_block``, ``num_attention_heads``, ``cross_attention_dim``,
+    ``reverse_transformer_layers_per_block``) take one value or one per level and are
+    stored per level."""
     in_channels: int = 4
     out_channels: int = 4
     sample_size: int | None = None
@@ -112,11 +121,11 @@ class UNetConfig:
     up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
     mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
     block_out_channels: tuple = (320, 640, 1280, 1280)
-    layers_per_block: tuple = (2, 2, 2, 2)
-    transformer_layers_per_block: tuple = (1, 1, 1, 1)
+    layers_per_block: int | tuple = 2
+    transformer_layers_per_block: int | tuple = 1
     reverse_transformer_layers_per_block: tuple | None = None
-    num_attention_heads: tuple = (8, 8, 8, 8)
-    cross_attention_dim: tuple = (768, 768, 768, 768)
+    num_attention_heads: int | tuple = 8
+    cross_attention_dim: int | tuple = 1280
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
     norm_num_groups: int = 32
@@ -132,61 +141,56 @@ class UNetConfig:
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
 
+    def __post_init__(self):
+        n = len(self.down_block_types)
+        for name in ("down_block_types", "up_block_types", "block_out_channels"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in _PER_LEVEL:
+            object.__setattr__(self, name, _per_level(getattr(self, name), n, name))
+        if self.reverse_transformer_layers_per_block is not None:
+            object.__setattr__(self, "reverse_transformer_layers_per_block", _per_level(
+                self.reverse_transformer_layers_per_block, n,
+                "reverse_transformer_layers_per_block"))
+
     @classmethod
-    def from_dict(cls, cfg: dict) -> "UNetConfig":
-        _check_fields(cfg)
-        for key, off in _OFF.items():
-            if cfg.get(key, off[0]) not in off:
-                raise ValueError(f"UNet config: {key}={cfg[key]!r} is not supported "
-                                 f"(retom-jax covers the SD1.x, SD2.x and SDXL UNets)")
-        n = len(cfg.get("down_block_types", cls.down_block_types))
-        for kind, allowed in (("down_block_types", _DOWN), ("up_block_types", _UP)):
-            for t in cfg.get(kind, getattr(cls, kind)):
-                if t not in allowed:
-                    raise ValueError(f"UNet config: {kind} entry {t!r} is not supported; "
-                                     f"supported: {allowed}")
-        mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
-        if mid not in ("UNetMidBlock2DCrossAttn", None):
-            raise ValueError(f"UNet config: mid_block_type {mid!r} is not supported")
-        add = cfg.get("addition_embed_type")
-        if add not in (None, "text_time"):
-            raise ValueError(f"UNet config: addition_embed_type {add!r} is not supported "
-                             f"(None or 'text_time')")
-        only_cross = cfg.get("only_cross_attention", False)
-        if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
-            raise ValueError("UNet config: only_cross_attention is not supported")
-        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
-        rev = cfg.get("reverse_transformer_layers_per_block")
-        return cls(
-            in_channels=cfg.get("in_channels", 4),
-            out_channels=cfg.get("out_channels", 4),
-            sample_size=cfg.get("sample_size"),
-            down_block_types=tuple(cfg.get("down_block_types", cls.down_block_types)),
-            up_block_types=tuple(cfg.get("up_block_types", cls.up_block_types)),
-            mid_block_type=mid,
-            block_out_channels=tuple(cfg.get("block_out_channels", cls.block_out_channels)),
-            layers_per_block=_per_level(cfg.get("layers_per_block", 2), n, "layers_per_block"),
-            transformer_layers_per_block=_per_level(
-                cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block"),
-            reverse_transformer_layers_per_block=(
-                None if rev is None else _per_level(rev, n, "reverse_transformer_layers_per_block")),
-            num_attention_heads=_per_level(heads, n, "num_attention_heads"),
-            cross_attention_dim=_per_level(cfg.get("cross_attention_dim", 1280), n,
-                                           "cross_attention_dim"),
-            downsample_padding=cfg.get("downsample_padding", 1),
-            mid_block_scale_factor=cfg.get("mid_block_scale_factor", 1.0),
-            norm_num_groups=cfg.get("norm_num_groups", 32),
-            norm_eps=cfg.get("norm_eps", 1e-5),
-            use_linear_projection=bool(cfg.get("use_linear_projection", False)),
-            upcast_attention=bool(cfg.get("upcast_attention", False)),
-            flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
-            freq_shift=cfg.get("freq_shift", 0),
-            conv_in_kernel=cfg.get("conv_in_kernel", 3),
-            conv_out_kernel=cfg.get("conv_out_kernel", 3),
-            addition_embed_type=add,
-            addition_time_embed_dim=cfg.get("addition_time_embed_dim"),
-            projection_class_embeddings_input_dim=cfg.get("projection_class_embeddings_input_dim"),
-        )
+    def from_dict(cls, cfg: dict, where: str = "UNet config") -> "UNetConfig":
+        """Read a diffusers ``config.json`` dict; a ``CheckpointError`` starting with
+        ``where`` when it is not a UNet this port implements."""
+        with weights.config_errors(where):
+            if not isinstance(cfg, dict):
+                raise ValueError(f"must be a JSON object, got {type(cfg).__name__}")
+            name = cfg.get("_class_name", "UNet2DConditionModel")
+            if name != "UNet2DConditionModel":
+                raise ValueError(f"this config describes a {name}, not a UNet2DConditionModel")
+            _check_fields(cfg)
+            for key, off in _OFF.items():
+                if cfg.get(key, off[0]) not in off:
+                    raise ValueError(f"{key}={cfg[key]!r} is not supported (retom-jax covers "
+                                     f"the SD1.x, SD2.x and SDXL UNets)")
+            for kind, allowed in (("down_block_types", _DOWN), ("up_block_types", _UP)):
+                for t in cfg.get(kind, getattr(cls, kind)):
+                    if t not in allowed:
+                        raise ValueError(f"{kind} entry {t!r} is not supported; supported: "
+                                         f"{allowed}")
+            if cfg.get("mid_block_type", cls.mid_block_type) not in (cls.mid_block_type, None):
+                raise ValueError(f"mid_block_type {cfg['mid_block_type']!r} is not supported")
+            if cfg.get("addition_embed_type") not in (None, "text_time"):
+                raise ValueError(f"addition_embed_type {cfg['addition_embed_type']!r} is not "
+                                 f"supported (None or 'text_time')")
+            only_cross = cfg.get("only_cross_attention", False)
+            if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
+                raise ValueError("only_cross_attention is not supported")
+            kwargs = weights.config_fields(cls, cfg)
+            kwargs.pop("only_cross_attention", None)
+            kwargs.pop("num_attention_heads", None)
+            # diffusers' misnomer: SD1.x/2.x configs give the head count as attention_head_dim
+            heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim")
+            if heads is not None:
+                kwargs["num_attention_heads"] = tuple(heads) if isinstance(heads, list) else heads
+            for name in ("use_linear_projection", "upcast_attention"):
+                if name in kwargs:
+                    kwargs[name] = bool(kwargs[name])
+            return cls(**kwargs)
 
     @property
     def num_upsamplers(self) -> int:
@@ -628,25 +632,13 @@ def load_unet(path_or_repo_id, dtype=jnp.float32, param_dtype=None, *, subfolder
     ``mesh``: place the parameters on this ``jax.sharding.Mesh`` by
     ``sharding.LOGICAL_AXIS_RULES``, each device's shard read from the file.
     """
-    dtype = weights.parse_dtype(dtype)
-    param_dtype = weights.parse_dtype(param_dtype or dtype)
+    dtype, param_dtype = weights.dtypes(dtype, param_dtype)
     check_implementation(attention)
-    folder = weights.resolve_folder(path_or_repo_id, subfolder)
-    raw = weights.read_config(folder)
-    if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        raise weights.CheckpointError(
-            f"{folder}/config.json describes a {raw['_class_name']}, not a UNet2DConditionModel")
-    try:
-        config = UNetConfig.from_dict(raw)
-    except (ValueError, TypeError) as e:
-        message = str(e).removeprefix("UNet config: ")
-        raise weights.CheckpointError(f"{folder / 'config.json'}: {message}") from None
-    module = weights.abstract_module(lambda rngs: UNet2DConditionModel(
-        config, attention=attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
-    state = weights.read_state_dict(folder, "diffusion_pytorch_model", variant)
-    graphdef, params = weights.load_params(
-        module, state, param_dtype, where=str(folder),
-        placement=sharding.param_placement(mesh))
+    folder, config = weights.read_model_config(path_or_repo_id, subfolder, UNetConfig)
+    graphdef, params = weights.load_module(
+        folder, lambda rngs: UNet2DConditionModel(
+            config, attention=attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+        param_dtype, stem="diffusion_pytorch_model", variant=variant, mesh=mesh)
     return UNet(config, graphdef, params, dtype, attention, mesh)
 
 
@@ -656,8 +648,7 @@ def init_unet(config: UNetConfig | dict, seed: int = 0, dtype=jnp.float32, param
     values from `weights.random_state`."""
     if isinstance(config, dict):
         config = UNetConfig.from_dict(config)
-    dtype = weights.parse_dtype(dtype)
-    param_dtype = weights.parse_dtype(param_dtype or dtype)
+    dtype, param_dtype = weights.dtypes(dtype, param_dtype)
     graphdef, params = weights.random_params(lambda rngs: UNet2DConditionModel(
         config, attention=attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
         param_dtype, seed)

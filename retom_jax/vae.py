@@ -36,10 +36,9 @@ import numpy as np
 from flax import nnx
 
 from .attention import check_implementation
-from .sharding import param_placement
 from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
-from .weights import (CheckpointError, abstract_module, load_params, parse_dtype,
-                      read_config, read_state_dict, resolve_folder)
+from .weights import (CheckpointError, config_errors, config_fields, dtypes, load_module,
+                      parse_dtype, read_model_config)
 
 __all__ = ["VAEConfig", "VAE", "DiagonalGaussian", "AutoencoderKL", "load_vae"]
 
@@ -109,23 +108,17 @@ class VAEConfig:
             fail(f"scaling_factor must be a non-zero number, got {self.scaling_factor!r}")
 
     @classmethod
-    def from_dict(cls, config: dict) -> "VAEConfig":
-        """Build from a ``config.json`` dict. Keys starting with ``_`` and keys this port
-        does not use are ignored, as diffusers does; lists become tuples."""
-        if not isinstance(config, dict):
-            raise CheckpointError(
-                f"a VAE config must be a JSON object, got {type(config).__name__}")
-        class_name = config.get("_class_name")
-        if class_name is not None and class_name != "AutoencoderKL":
-            raise CheckpointError(
-                f"this config describes a {class_name}, not an AutoencoderKL: pass the VAE "
-                f"folder (usually the pipeline's vae/ subfolder)")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in config.items():
-            if key in fields:
-                kwargs[key] = tuple(value) if isinstance(value, list) else value
-        return cls(**kwargs)
+    def from_dict(cls, config: dict, where: str = "VAE config") -> "VAEConfig":
+        """Build from a ``config.json`` dict (keys this port does not use are ignored, as
+        diffusers does); a ``CheckpointError`` starting with ``where`` when it is not an
+        AutoencoderKL this port implements."""
+        with config_errors(where):
+            class_name = config.get("_class_name") if isinstance(config, dict) else None
+            if class_name is not None and class_name != "AutoencoderKL":
+                raise ValueError(
+                    f"this config describes a {class_name}, not an AutoencoderKL: pass the VAE "
+                    f"folder (usually the pipeline's vae/ subfolder)")
+            return cls(**config_fields(cls, config))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -416,7 +409,7 @@ def convert_legacy_keys(state: dict) -> dict:
         if (key.endswith(".weight") and ".attentions." in key
                 and key[: -len(".weight")].endswith(_PROJECTIONS)
                 and array.ndim == 4 and array.shape[2:] == (1, 1)):
-            array = array.reshape(array.shape[:2])
+            array = np.asarray(array).reshape(array.shape[:2])
         out[key] = array
     return out
 
@@ -448,22 +441,15 @@ def load_vae(path, dtype=jnp.float32, param_dtype=None, subfolder: str | None = 
     if force_upcast is not None and not isinstance(force_upcast, bool):
         raise ValueError(f"force_upcast must be None, True or False, got {force_upcast!r}")
     check_implementation(attention)
-    folder = resolve_folder(path, subfolder)
-    raw = read_config(folder)
-    try:
-        config = VAEConfig.from_dict(raw)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    folder, config = read_model_config(path, subfolder, VAEConfig)
     upcast_wanted = config.force_upcast if force_upcast is None else force_upcast
     upcast = bool(upcast_wanted) and requested == jnp.dtype(jnp.float16)
-    compute = jnp.dtype(jnp.float32) if upcast else requested
-    pdtype = parse_dtype(param_dtype) if param_dtype is not None else compute
-
-    state = convert_legacy_keys(read_state_dict(folder, "diffusion_pytorch_model", variant))
-    module = abstract_module(lambda rngs: AutoencoderKL(
-        config, attention=attention, dtype=compute, param_dtype=pdtype, rngs=rngs))
-    graphdef, params = load_params(module, state, pdtype, where=str(folder),
-                                   placement=param_placement(mesh))
+    compute, pdtype = dtypes(jnp.float32 if upcast else requested, param_dtype)
+    graphdef, params = load_module(
+        folder, lambda rngs: AutoencoderKL(config, attention=attention, dtype=compute,
+                                           param_dtype=pdtype, rngs=rngs),
+        pdtype, stem="diffusion_pytorch_model", variant=variant, mesh=mesh,
+        convert=convert_legacy_keys)
     vae = VAE(config, graphdef, params, dtype=compute, param_dtype=pdtype, upcast=upcast,
               folder=folder)
     vae.mesh = mesh

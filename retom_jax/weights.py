@@ -13,18 +13,19 @@ is an error that names it.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
-import mmap
 import os
-import struct
 from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
+import ml_dtypes  # registers bfloat16 with NumPy, which safetensors' NumPy reader needs
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError, safe_open
 
 # Flax parameter name -> PyTorch parameter name.
 RENAME = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
@@ -42,67 +43,72 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------- files
 
-def read_safetensors(path) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file as NumPy arrays (memory-mapped)."""
+def _open_safetensors(path):
+    """An open ``safetensors`` handle (NumPy arrays; bfloat16 through ml_dtypes, imported
+    above), or a CheckpointError saying what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weight file not found: {path}")
-    size = path.stat().st_size
-    if size < 8:
-        raise CheckpointError(f"{path} is not a safetensors file: only {size} bytes")
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > size - 8:
-            raise CheckpointError(
-                f"{path} is corrupt or truncated: its header claims {header_len} bytes "
-                f"but the file has {size}"
-            )
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path} is corrupt: its header is not valid JSON ({e})") from None
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + header_len else b""
-    data_start = 8 + header_len
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _ST_DTYPES[info["dtype"]]
-            shape = tuple(info["shape"])
-            begin, end = info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path} is corrupt: bad header entry for {name!r}") from None
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if end - begin != nbytes or data_start + end > size:
-            raise CheckpointError(
-                f"{path} is corrupt or truncated: tensor {name!r} {info['dtype']}{list(shape)} "
-                f"does not fit its byte range"
-            )
-        out[name] = np.frombuffer(buf, dtype=dtype, count=nbytes // np.dtype(dtype).itemsize,
-                                  offset=data_start + begin).reshape(shape)
-    return out
+    try:
+        return safe_open(str(path), framework="numpy")
+    except SafetensorError as e:
+        why = str(e).removeprefix("Error while deserializing header: ")
+        if "too small" in why:
+            raise CheckpointError(f"{path} is not a safetensors file: only "
+                                  f"{path.stat().st_size} bytes") from None
+        if "JSON" in why or "UTF" in why.upper():
+            raise CheckpointError(f"{path} is corrupt: its header is not valid JSON ({why})") from None
+        raise CheckpointError(f"{path} is corrupt or truncated ({why})") from None
+
+
+class StoredTensor:
+    """One tensor of an open safetensors file: ``shape`` and ``dtype`` from the header,
+    values read when asked for: all of them (``np.asarray(t)``) or only the part an index
+    selects (``t[idx]``, what each device reads when a model is loaded sharded)."""
+
+    __slots__ = ("_handle", "name", "shape", "dtype")
+
+    def __init__(self, handle, name: str):
+        view = handle.get_slice(name)
+        self._handle, self.name = handle, name
+        self.shape = tuple(view.get_shape())
+        if view.get_dtype() not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {name!r} has dtype {view.get_dtype()}, which "
+                                  f"retom-jax does not read")
+        self.dtype = np.dtype(_ST_DTYPES[view.get_dtype()])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        if idx == ():
+            return np.asarray(self)
+        return self._handle.get_slice(self.name)[idx]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self._handle.get_tensor(self.name)
+        return array if dtype is None else array.astype(dtype)
+
+    def __repr__(self):
+        return f"StoredTensor({self.name!r}, {self.dtype.name}{list(self.shape)})"
+
+
+def open_safetensors(path) -> dict[str, StoredTensor]:
+    """The tensors of one ``.safetensors`` file by name, read lazily (`StoredTensor`)."""
+    handle = _open_safetensors(path)
+    return {name: StoredTensor(handle, name) for name in handle.offset_keys()}
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+    """All tensors of one ``.safetensors`` file as NumPy arrays."""
+    handle = _open_safetensors(path)
+    return {name: handle.get_tensor(name) for name in handle.offset_keys()}
 
 
 def read_safetensors_metadata(path) -> dict[str, str]:
     """The ``__metadata__`` strings of a ``.safetensors`` file's header ({} if none)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weight file not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is not a safetensors file: only {len(head)} bytes")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > path.stat().st_size - 8:
-            raise CheckpointError(f"{path} is corrupt or truncated: its header claims "
-                                  f"{header_len} bytes")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path} is corrupt: its header is not valid JSON ({e})") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return dict(meta) if isinstance(meta, dict) else {}
+    return dict(_open_safetensors(path).metadata() or {})
 
 
 def weight_files(folder, stem: str, variant: str | None = None) -> list[Path]:
@@ -127,10 +133,11 @@ def weight_files(folder, stem: str, variant: str | None = None) -> list[Path]:
     raise CheckpointError(f"no weights in {folder}: expected {wanted}.{hint}")
 
 
-def read_state_dict(folder, stem: str, variant: str | None = None) -> dict[str, np.ndarray]:
+def read_state_dict(folder, stem: str, variant: str | None = None) -> dict[str, StoredTensor]:
+    """The tensors of a model folder's (possibly sharded) weights, read lazily."""
     state = {}
     for file in weight_files(folder, stem, variant):
-        state.update(read_safetensors(file))
+        state.update(open_safetensors(file))
     return state
 
 
@@ -182,6 +189,66 @@ def resolve_folder(path_or_repo_id, subfolder: str | None = None) -> Path:
         where = f" nor in its {subfolder}/ subfolder" if subfolder else ""
         raise CheckpointError(f"{path} has no config.json{where}: not a model folder")
     return resolve_folder(cached_snapshot(path_or_repo_id), subfolder)
+
+
+# ----------------------------------------------------------------------------- loaders
+
+# Every model loader (UNet, VAE, text encoder, CLIP image tower) takes the same steps:
+# read_model_config (resolve the folder, read config.json through the config class's
+# from_dict), then load_module (build the module abstractly, read the weights, load them
+# on a mesh or not). Config classes share one from_dict style: config_fields picks the
+# keys that are dataclass fields (the dataclass holds the only defaults) and
+# config_errors turns a bad value into a CheckpointError naming the file.
+
+
+def config_fields(cls, raw: dict) -> dict:
+    """The entries of a ``config.json`` dict that are fields of the dataclass ``cls``
+    (lists as tuples). Other keys are ignored, as diffusers/transformers do; fields left
+    out take the dataclass's defaults."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"a {cls.__name__} must be read from a JSON object, got "
+                              f"{type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names}
+
+
+@contextlib.contextmanager
+def config_errors(where: str):
+    """Re-raise a ValueError/TypeError of reading a config as a one-line CheckpointError
+    that starts with ``where`` (the config file)."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def dtypes(dtype, param_dtype=None) -> tuple:
+    """``(dtype, param_dtype)`` parsed; the weights' dtype defaults to the compute dtype."""
+    dtype = parse_dtype(dtype)
+    return dtype, dtype if param_dtype is None else parse_dtype(param_dtype)
+
+
+def read_model_config(path_or_repo_id, subfolder: str | None, config_cls):
+    """``(folder, config)``: the model folder (`resolve_folder`) and its ``config.json``
+    read by ``config_cls.from_dict(raw, where)``."""
+    folder = resolve_folder(path_or_repo_id, subfolder)
+    return folder, config_cls.from_dict(read_config(folder), where=str(folder / "config.json"))
+
+
+def load_module(folder, build: Callable[[KeySource], nnx.Module], param_dtype, *,
+                stem: str, variant: str | None = None, mesh=None,
+                convert: Callable[[dict], dict] | None = None):
+    """``(graphdef, params)`` of ``build(rngs)`` with the weights of ``folder``
+    (``{stem}[.variant].safetensors``, sharded or not; ``convert`` renames keys). With a
+    ``mesh`` each parameter is placed by ``sharding.param_placement`` and each device
+    reads only its part of the file."""
+    from .sharding import param_placement
+
+    state = read_state_dict(folder, stem, variant)
+    if convert is not None:
+        state = convert(state)
+    return load_params(abstract_module(build), state, param_dtype, where=str(folder),
+                       placement=param_placement(mesh))
 
 
 # ----------------------------------------------------------------------------- mapping
@@ -261,47 +328,52 @@ def random_params(build: Callable[[KeySource], nnx.Module], dtype, seed: int = 0
     return graphdef, random_state(abstract, dtype, seed)
 
 
-def load_params(module: nnx.Module, state_dict: dict[str, np.ndarray], param_dtype,
+def key_mismatch(expected, present, limit: int = 8) -> list[str]:
+    """``"N missing key(s): a, b ..."`` and ``"N unexpected key(s): ..."`` for two sets of
+    checkpoint keys (the first ``limit`` of each, sorted); empty when they agree."""
+    out = []
+    for what, keys in (("missing", sorted(set(expected) - set(present))),
+                       ("unexpected", sorted(set(present) - set(expected)))):
+        if keys:
+            out.append(f"{len(keys)} {what} key(s): {', '.join(keys[:limit])}"
+                       + (" ..." if len(keys) > limit else ""))
+    return out
+
+
+def load_params(module: nnx.Module, state_dict: dict, param_dtype,
                 where: str = "checkpoint", key_map: Callable[[str], str] | None = None,
                 placement: Callable | None = None):
     """Fill an abstract module with PyTorch-layout weights.
 
-    Returns ``(graphdef, params)``: ``params`` is the module's state as a pytree of arrays
-    in ``param_dtype``; ``nnx.merge(graphdef, params)`` rebuilds the module.
+    ``state_dict`` maps PyTorch keys to arrays or `StoredTensor` s. Returns
+    ``(graphdef, params)``: ``params`` is the module's state as a pytree of arrays in
+    ``param_dtype``; ``nnx.merge(graphdef, params)`` rebuilds the module.
     ``placement(path, shape) -> Sharding`` (``sharding.param_placement(mesh)``) builds each
-    array shard by shard from the (memory-mapped) weights: each device reads only its part.
+    array shard by shard: each device reads only its part of the weights.
     """
     graphdef, abstract = nnx.split(module)
-    flat = nnx.to_flat_state(abstract)
     expected = {}
-    for path, var in flat:
+    for path, var in nnx.to_flat_state(abstract):
         key = torch_key(path)
         expected[key_map(key) if key_map else key] = (path, var)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:8])}"
-                        + (" ..." if len(missing) > 8 else ""))
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:8])}"
-                        + (" ..." if len(unexpected) > 8 else ""))
+    problems = key_mismatch(expected, state_dict)
     pure = {}
     for key, (path, var) in expected.items():
         if key not in state_dict:
             continue
-        array = to_flax_layout(state_dict[key], str(path[-1]))
-        want = tuple(var.shape)
-        if array.shape != want:
-            problems.append(f"{key} has shape {list(state_dict[key].shape)} in the weights, "
-                            f"the config implies {list(to_torch_shape(want, str(path[-1])))}")
+        stored, leaf, want = state_dict[key], str(path[-1]), tuple(var.shape)
+        if tuple(stored.shape) != to_torch_shape(want, leaf):
+            problems.append(f"{key} has shape {list(stored.shape)} in the weights, "
+                            f"the config implies {list(to_torch_shape(want, leaf))}")
             continue
         if placement is not None:
+            # idx indexes the Flax layout; the same permutation gives the stored index.
             pure[path] = jax.make_array_from_callback(
                 want, placement(path, want),
-                lambda idx, a=array: np.asarray(a[idx]).astype(param_dtype))
+                lambda idx, a=stored, leaf=leaf: to_flax_layout(
+                    np.asarray(a[to_torch_shape(tuple(idx), leaf)]), leaf).astype(param_dtype))
         else:
-            pure[path] = jnp.asarray(array).astype(param_dtype)
+            pure[path] = jnp.asarray(to_flax_layout(np.asarray(stored), leaf)).astype(param_dtype)
     if problems:
         raise CheckpointError(f"the weights in {where} do not fit the model built from its "
                               f"config.json: " + "; ".join(problems))
@@ -309,6 +381,7 @@ def load_params(module: nnx.Module, state_dict: dict[str, np.ndarray], param_dty
 
 
 def to_torch_shape(shape: tuple, leaf: str) -> tuple:
+    """The PyTorch layout of a Flax shape (or of an index tuple: the same permutation)."""
     if leaf == "kernel" and len(shape) == 2:
         return shape[::-1]
     if leaf == "kernel" and len(shape) == 4:

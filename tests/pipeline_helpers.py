@@ -112,6 +112,16 @@ def save_sdxl(folder: Path):
     return pipe
 
 
+def saved_pipeline(tmp_path_factory, name: str, save):
+    """``(torch pipeline, our pipeline, folder)``: a tiny pipeline written by ``save``
+    (``save_sd`` / ``save_sd2`` / ``save_sdxl``) and loaded back with ``load_pipeline``."""
+    from retom_jax.pipeline import load_pipeline
+
+    folder = tmp_path_factory.mktemp(name)
+    torch_pipe = save(folder)
+    return torch_pipe, load_pipeline(folder), folder
+
+
 def latents_for(batch, h, w, seed=0):
     """Unit Gaussian NCHW latents for ``batch`` images of ``h x w`` pixels (factor 2)."""
     return np.random.RandomState(seed).randn(batch, 4, h // 2, w // 2).astype(np.float32)

@@ -22,7 +22,8 @@ from retom_jax import CheckpointError, ReToM, ToDo, ToMe
 from retom_jax.pipeline import (StableDiffusionPipeline, StableDiffusionXLPipeline,
                                 load_pipeline)
 from tests.pipeline_helpers import (feed_ancestral_noise, latents_for, reference, save_sd,
-                                    save_sd2, save_sdxl, step_keys, with_torch_scheduler)
+                                    save_sd2, save_sdxl, saved_pipeline, step_keys,
+                                    with_torch_scheduler)
 from tests.util import assert_close, feed_tomesd_destinations, rel_err, swap_in_retom
 
 TOL = 2e-5  # float32 images: measured 0.4e-6 to 3e-6 (SD2 v-prediction the largest)
@@ -37,23 +38,17 @@ XL_KW = dict(num_inference_steps=3, guidance_scale=6.0, height=32, width=24)
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd")
-    torch_pipe = save_sd(folder)
-    return torch_pipe, load_pipeline(folder), folder
+    return saved_pipeline(tmp_path_factory, "sd", save_sd)
 
 
 @pytest.fixture(scope="module")
 def sd2(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd2")
-    torch_pipe = save_sd2(folder)
-    return torch_pipe, load_pipeline(folder), folder
+    return saved_pipeline(tmp_path_factory, "sd2", save_sd2)
 
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sdxl")
-    torch_pipe = save_sdxl(folder)
-    return torch_pipe, load_pipeline(folder), folder
+    return saved_pipeline(tmp_path_factory, "sdxl", save_sdxl)
 
 
 # ----------------------------------------------------------------------------- SD parity

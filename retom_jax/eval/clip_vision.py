@@ -26,10 +26,11 @@ import numpy as np
 from flax import nnx
 
 from ..attention import check_implementation
-from ..clip import ACTIVATIONS, CLIPEncoder, TextEncoder, TextEncoderConfig, load_tokenizer, tokenize
+from ..clip import (MODEL_CLASSES, CLIPEncoder, TextEncoder, TextEncoderConfig,
+                    check_encoder_fields, load_tokenizer, tokenize)
 from ..layers import layer_norm, linear
-from ..weights import (CheckpointError, abstract_module, cached_snapshot, load_params,
-                       parse_dtype, read_config, read_json, read_state_dict)
+from ..weights import (CheckpointError, cached_snapshot, config_errors, config_fields,
+                       load_module, parse_dtype, read_config, read_json)
 
 __all__ = ["VisionConfig", "CLIPVisionModelWithProjection", "ImageEncoder", "CLIP",
            "ImageProcessor", "load_clip", "clip_scores", "clip_score"]
@@ -39,11 +40,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # What the CLIP score is usually computed with (torchmetrics' default), and the model
 # google-research's CMMD uses; the error for a missing model names them.
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-
-_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                        num_attention_heads=12, image_size=224, patch_size=32,
-                        num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -62,21 +58,11 @@ class VisionConfig:
     projection_dim: int = 512
 
     def __post_init__(self):
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "image_size", "patch_size", "num_channels",
-                     "projection_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+        check_encoder_fields(self, ("image_size", "patch_size", "num_channels",
+                                    "projection_dim"))
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
                              f"{self.patch_size}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: "
-                             f"{', '.join(ACTIVATIONS)}")
 
     @property
     def head_dim(self) -> int:
@@ -87,14 +73,11 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
-    def from_dict(cls, raw: dict, projection_dim, where: str) -> "VisionConfig":
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{where}: the vision config is not a JSON object")
-        values = {k: raw.get(k, d) for k, d in _VISION_DEFAULTS.items()}
-        try:
-            return cls(projection_dim=projection_dim, **values)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}: {e}") from None
+    def from_dict(cls, raw: dict, where: str = "config.json") -> "VisionConfig":
+        """Read a transformers ``CLIPVisionConfig`` dict (with ``projection_dim``);
+        ``CheckpointError`` starting with ``where`` when it does not make a model."""
+        with config_errors(where):
+            return cls(**config_fields(cls, raw))
 
 
 # ----------------------------------------------------------------------------- modules
@@ -242,13 +225,6 @@ def _as_uint8(image) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- wrappers
 
-def _vision_forward(graphdef, params, pixel_values):
-    return nnx.merge(graphdef, params)(pixel_values)
-
-
-_vision_jit = jax.jit(_vision_forward, static_argnums=0)
-
-
 class ImageEncoder:
     """A loaded CLIP image tower with projection: ``config``, ``graphdef``, ``params``.
 
@@ -259,9 +235,10 @@ class ImageEncoder:
                  dtype):
         self.config, self.graphdef, self.params = config, graphdef, params
         self.processor, self.dtype = processor, jnp.dtype(dtype)
+        self._jitted = jax.jit(self.apply)
 
     def apply(self, params, pixel_values):
-        return _vision_forward(self.graphdef, params, pixel_values)
+        return nnx.merge(self.graphdef, params)(pixel_values)
 
     def __call__(self, pixel_values):
         shape = tuple(np.shape(pixel_values))
@@ -269,7 +246,7 @@ class ImageEncoder:
         if len(shape) != 4 or shape[1:] != (c, s, s):
             raise ValueError(f"pixel_values must be [batch, {c}, {s}, {s}] (NCHW, the "
                              f"model's image_size), got shape {list(shape)}")
-        return _vision_jit(self.graphdef, self.params, jnp.asarray(pixel_values, jnp.float32))
+        return self._jitted(self.params, jnp.asarray(pixel_values, jnp.float32))
 
     def image_embeds(self, pixel_values) -> jax.Array:
         return self(pixel_values)[2]
@@ -343,33 +320,34 @@ def load_clip(path_or_repo_id=DEFAULT_CLIP, dtype=jnp.float32, *, attention="aut
     raw = read_config(folder)
     archs = raw.get("architectures") or []
     archs = [archs] if isinstance(archs, str) else list(archs)
-    state = read_state_dict(folder, "model")
-    if "CLIPModel" in archs:
-        projection_dim = raw.get("projection_dim", 512)
-        vision_cfg = VisionConfig.from_dict(raw.get("vision_config", {}), projection_dim, where)
+    if "CLIPModel" in archs:  # one projection width, at the top level, for both towers
+        projection_dim = raw.get("projection_dim", VisionConfig.projection_dim)
+        vision_cfg = VisionConfig.from_dict(
+            dict(raw.get("vision_config") or {}, projection_dim=projection_dim), where)
         text_raw = dict(raw.get("text_config") or {}, projection_dim=projection_dim,
                         architectures=["CLIPTextModelWithProjection"])
         text_cfg = TextEncoderConfig.from_dict(text_raw, where=f"{where} (text_config)")
     elif "CLIPVisionModelWithProjection" in archs:
-        vision_cfg = VisionConfig.from_dict(raw, raw.get("projection_dim", 512), where)
+        vision_cfg = VisionConfig.from_dict(raw, where)
         text_cfg = None
     else:
         raise CheckpointError(f"{where} declares architecture(s) {archs}; the evaluation "
                               f"needs CLIPModel or CLIPVisionModelWithProjection")
-    module = abstract_module(lambda rngs: CLIPVisionModelWithProjection(
-        vision_cfg, attention=attention, dtype=dtype, param_dtype=dtype, rngs=rngs))
-    graphdef, params = load_params(module, _split(state, ("vision_model", "visual_projection")),
-                                   dtype, where=str(folder))
+
+    def load(build, prefixes):
+        return load_module(folder, build, dtype, stem="model",
+                           convert=lambda state: _split(state, prefixes))
+
+    graphdef, params = load(lambda rngs: CLIPVisionModelWithProjection(
+        vision_cfg, attention=attention, dtype=dtype, param_dtype=dtype, rngs=rngs),
+        ("vision_model", "visual_projection"))
     vision = ImageEncoder(vision_cfg, graphdef, params,
                           ImageProcessor.from_folder(folder, vision_cfg.image_size), dtype)
     text = tokenizer = None
     if text_cfg is not None:
-        from ..clip import MODEL_CLASSES
-
-        tmodule = abstract_module(lambda rngs: MODEL_CLASSES[text_cfg.architecture](
-            text_cfg, attention=attention, dtype=dtype, param_dtype=dtype, rngs=rngs))
-        tgraph, tparams = load_params(tmodule, _split(state, ("text_model", "text_projection")),
-                                      dtype, where=str(folder))
+        tgraph, tparams = load(lambda rngs: MODEL_CLASSES[text_cfg.architecture](
+            text_cfg, attention=attention, dtype=dtype, param_dtype=dtype, rngs=rngs),
+            ("text_model", "text_projection"))
         text = TextEncoder(text_cfg, tgraph, tparams, dtype=dtype, param_dtype=dtype)
         try:
             tokenizer = load_tokenizer(folder, subfolder=None)

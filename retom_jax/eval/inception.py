@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..weights import key_mismatch
 from .torch_pickle import TorchFileError, load_torch_file
 
 __all__ = ["InceptionError", "FID_WEIGHTS", "load_inception", "inception_features",
@@ -85,17 +86,9 @@ def inception_params(state: dict, where: str = "the weights") -> dict:
                 for p in ("conv.weight", "bn.weight", "bn.bias", "bn.running_mean",
                           "bn.running_var")}
     ignored = {k for k in state if k.startswith("fc.") or k.endswith("num_batches_tracked")}
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected - ignored)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {', '.join(missing[:6])}"
-                         + (" ..." if len(missing) > 6 else ""))
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:6])}"
-                         + (" ..." if len(unexpected) > 6 else ""))
-        raise _bad(where, "; ".join(parts))
+    problems = key_mismatch(expected, set(state) - ignored, limit=6)
+    if problems:
+        raise _bad(where, "; ".join(problems))
     params = {}
     for name in layout:
         w = np.asarray(state[f"{name}.conv.weight"], np.float32)
