@@ -128,42 +128,42 @@ class VAEConfig:
 
 # ----------------------------------------------------------------------------- modules
 
+def _resnets(in_channels, out_channels, num_layers, groups, kw) -> nnx.List:
+    """``num_layers`` ResnetBlock2D without time embedding, the first from ``in_channels``."""
+    return nnx.List([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels,
+                                   None, groups=groups, eps=NORM_EPS, **kw)
+                     for i in range(num_layers)])
+
+
+def _run(resnets, samplers, x):
+    """The resnets in turn, then the block's down/upsampler if it has one."""
+    for resnet in resnets:
+        x = resnet(x)
+    return x if samplers is None else samplers[0](x)
+
+
 class DownEncoderBlock2D(nnx.Module):
     def __init__(self, in_channels, out_channels, num_layers, add_downsample, groups, *,
                  dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None,
-                          groups=groups, eps=NORM_EPS, **kw)
-            for i in range(num_layers)])
+        self.resnets = _resnets(in_channels, out_channels, num_layers, groups, kw)
         self.downsamplers = (nnx.List([Downsample2D(out_channels, out_channels, padding=0, **kw)])
                              if add_downsample else None)
 
     def __call__(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-        return x
+        return _run(self.resnets, self.downsamplers, x)
 
 
 class UpDecoderBlock2D(nnx.Module):
     def __init__(self, in_channels, out_channels, num_layers, add_upsample, groups, *,
                  dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None,
-                          groups=groups, eps=NORM_EPS, **kw)
-            for i in range(num_layers)])
+        self.resnets = _resnets(in_channels, out_channels, num_layers, groups, kw)
         self.upsamplers = (nnx.List([Upsample2D(out_channels, out_channels, **kw)])
                            if add_upsample else None)
 
     def __call__(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
+        return _run(self.resnets, self.upsamplers, x)
 
 
 class UNetMidBlock2D(nnx.Module):

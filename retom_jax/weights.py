@@ -32,8 +32,8 @@ RENAME = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
+    "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
 }
 
 
@@ -97,13 +97,13 @@ class StoredTensor:
 def open_safetensors(path) -> dict[str, StoredTensor]:
     """The tensors of one ``.safetensors`` file by name, read lazily (`StoredTensor`)."""
     handle = _open_safetensors(path)
-    return {name: StoredTensor(handle, name) for name in handle.offset_keys()}
+    return {name: StoredTensor(handle, name) for name in handle.keys()}
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
     """All tensors of one ``.safetensors`` file as NumPy arrays."""
     handle = _open_safetensors(path)
-    return {name: handle.get_tensor(name) for name in handle.offset_keys()}
+    return {name: handle.get_tensor(name) for name in handle.keys()}
 
 
 def read_safetensors_metadata(path) -> dict[str, str]:

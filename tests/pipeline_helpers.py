@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -120,6 +121,23 @@ def saved_pipeline(tmp_path_factory, name: str, save):
     folder = tmp_path_factory.mktemp(name)
     torch_pipe = save(folder)
     return torch_pipe, load_pipeline(folder), folder
+
+
+# Module-scoped fixtures of the pipeline test modules (import them there by name): one
+# saved and loaded pipeline per module and family, shared by that module's tests.
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return saved_pipeline(tmp_path_factory, "sd", save_sd)
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    return saved_pipeline(tmp_path_factory, "sd2", save_sd2)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return saved_pipeline(tmp_path_factory, "sdxl", save_sdxl)
 
 
 def latents_for(batch, h, w, seed=0):

@@ -21,9 +21,9 @@ import tomesd
 from retom_jax import CheckpointError, ReToM, ToDo, ToMe
 from retom_jax.pipeline import (StableDiffusionPipeline, StableDiffusionXLPipeline,
                                 load_pipeline)
-from tests.pipeline_helpers import (feed_ancestral_noise, latents_for, reference, save_sd,
-                                    save_sd2, save_sdxl, saved_pipeline, step_keys,
+from tests.pipeline_helpers import (feed_ancestral_noise, latents_for, reference, step_keys,
                                     with_torch_scheduler)
+from tests.pipeline_helpers import sd, sd2, sdxl  # noqa: F401 - module-scoped fixtures
 from tests.util import assert_close, feed_tomesd_destinations, rel_err, swap_in_retom
 
 TOL = 2e-5  # float32 images: measured 0.4e-6 to 3e-6 (SD2 v-prediction the largest)
@@ -34,21 +34,6 @@ PROMPTS = ["the cat", "a photo of a dog"]
 SD_KW = dict(negative_prompt=["", "blurry painting"], num_inference_steps=3,
              guidance_scale=7.5, height=32, width=24)
 XL_KW = dict(num_inference_steps=3, guidance_scale=6.0, height=32, width=24)
-
-
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    return saved_pipeline(tmp_path_factory, "sd", save_sd)
-
-
-@pytest.fixture(scope="module")
-def sd2(tmp_path_factory):
-    return saved_pipeline(tmp_path_factory, "sd2", save_sd2)
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return saved_pipeline(tmp_path_factory, "sdxl", save_sdxl)
 
 
 # ----------------------------------------------------------------------------- SD parity

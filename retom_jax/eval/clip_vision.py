@@ -309,6 +309,25 @@ def _clip_folder(path_or_repo_id) -> Path:
             f"network) or pass a local folder; retom-jax never downloads") from None
 
 
+def _clip_configs(raw: dict, where: str):
+    """``(VisionConfig, TextEncoderConfig or None)`` of a ``CLIPModel`` or
+    ``CLIPVisionModelWithProjection`` config.json."""
+    archs = raw.get("architectures") or []
+    archs = [archs] if isinstance(archs, str) else list(archs)
+    if "CLIPVisionModelWithProjection" in archs and "CLIPModel" not in archs:
+        return VisionConfig.from_dict(raw, where), None
+    if "CLIPModel" not in archs:
+        raise CheckpointError(f"{where} declares architecture(s) {archs}; the evaluation "
+                              f"needs CLIPModel or CLIPVisionModelWithProjection")
+    # one projection width, at the top level, for both towers
+    projection_dim = raw.get("projection_dim", VisionConfig.projection_dim)
+    vision = VisionConfig.from_dict(
+        dict(raw.get("vision_config") or {}, projection_dim=projection_dim), where)
+    text_raw = dict(raw.get("text_config") or {}, projection_dim=projection_dim,
+                    architectures=["CLIPTextModelWithProjection"])
+    return vision, TextEncoderConfig.from_dict(text_raw, where=f"{where} (text_config)")
+
+
 def load_clip(path_or_repo_id=DEFAULT_CLIP, dtype=jnp.float32, *, attention="auto") -> CLIP:
     """A transformers ``CLIPModel`` (image + text towers, tokenizer when present) or
     ``CLIPVisionModelWithProjection`` (image tower only) from a local folder or a repo id
@@ -317,22 +336,7 @@ def load_clip(path_or_repo_id=DEFAULT_CLIP, dtype=jnp.float32, *, attention="aut
     check_implementation(attention)
     folder = _clip_folder(path_or_repo_id)
     where = str(folder / "config.json")
-    raw = read_config(folder)
-    archs = raw.get("architectures") or []
-    archs = [archs] if isinstance(archs, str) else list(archs)
-    if "CLIPModel" in archs:  # one projection width, at the top level, for both towers
-        projection_dim = raw.get("projection_dim", VisionConfig.projection_dim)
-        vision_cfg = VisionConfig.from_dict(
-            dict(raw.get("vision_config") or {}, projection_dim=projection_dim), where)
-        text_raw = dict(raw.get("text_config") or {}, projection_dim=projection_dim,
-                        architectures=["CLIPTextModelWithProjection"])
-        text_cfg = TextEncoderConfig.from_dict(text_raw, where=f"{where} (text_config)")
-    elif "CLIPVisionModelWithProjection" in archs:
-        vision_cfg = VisionConfig.from_dict(raw, where)
-        text_cfg = None
-    else:
-        raise CheckpointError(f"{where} declares architecture(s) {archs}; the evaluation "
-                              f"needs CLIPModel or CLIPVisionModelWithProjection")
+    vision_cfg, text_cfg = _clip_configs(read_config(folder), where)
 
     def load(build, prefixes):
         return load_module(folder, build, dtype, stem="model",
