@@ -34,8 +34,8 @@ from flax import nnx
 
 from .attention import check_implementation, dot_product_attention
 from .layers import layer_norm, linear
-from .weights import (CheckpointError, cached_snapshot, config_errors, config_fields, dtypes,
-                      load_module, read_model_config)
+from .weights import (CheckpointError, LoadedModel, cached_snapshot, config_errors,
+                      config_fields, dtypes, load_module, read_model_config)
 
 __all__ = [
     "TextEncoderConfig", "TextEncoderOutput", "TextEncoder", "CLIPTextModel",
@@ -341,19 +341,18 @@ def check_input_ids_shape(shape: tuple, dtype, config: TextEncoderConfig) -> Non
         raise ValueError(f"input_ids must hold integer token ids, got dtype {dtype}")
 
 
-class TextEncoder:
-    """A loaded CLIP text encoder: ``config``, ``graphdef`` and ``params``.
+class TextEncoder(LoadedModel):
+    """A loaded CLIP text encoder (`weights.LoadedModel`: ``config``, ``graphdef``,
+    ``params``, ``dtype``, ``param_dtype``, ``mesh``).
 
     ``apply(params, input_ids)`` is pure (use it inside ``jax.jit``); calling the object
     runs a jitted ``apply`` on its own ``params`` after checking the ids' values too.
     """
 
-    def __init__(self, config: TextEncoderConfig, graphdef, params, *, dtype, param_dtype):
-        self.config = config
-        self.graphdef = graphdef
-        self.params = params
-        self.dtype = jnp.dtype(dtype)
-        self.param_dtype = jnp.dtype(param_dtype)
+    def __init__(self, config: TextEncoderConfig, graphdef, params, *, dtype, param_dtype,
+                 mesh=None):
+        super().__init__(config, graphdef, params, dtype=dtype, param_dtype=param_dtype,
+                         mesh=mesh)
         self._jitted = jax.jit(self.apply)
 
     def apply(self, params, input_ids) -> TextEncoderOutput:
@@ -375,11 +374,6 @@ class TextEncoder:
                                  f"vocabulary size); got values from {lo} to {hi}")
             input_ids = input_ids.astype(np.int32)
         return self._jitted(self.params, input_ids)
-
-    @property
-    def module(self) -> nnx.Module:
-        """The NNX module with this encoder's parameters."""
-        return nnx.merge(self.graphdef, self.params)
 
     def __repr__(self):
         c = self.config
@@ -430,9 +424,7 @@ def load_text_encoder(path, dtype=jnp.float32, param_dtype=None,
         folder, lambda rngs: MODEL_CLASSES[config.architecture](
             config, attention=attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
         param_dtype, stem="model", variant=variant, mesh=mesh, convert=_torch_layout_keys)
-    encoder = TextEncoder(config, graphdef, params, dtype=dtype, param_dtype=param_dtype)
-    encoder.mesh = mesh
-    return encoder
+    return TextEncoder(config, graphdef, params, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -37,8 +37,8 @@ from flax import nnx
 
 from .attention import check_implementation
 from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
-from .weights import (CheckpointError, config_errors, config_fields, dtypes, load_module,
-                      parse_dtype, read_model_config)
+from .weights import (CheckpointError, LoadedModel, config_errors, config_fields, dtypes,
+                      load_module, parse_dtype, read_model_config)
 
 __all__ = ["VAEConfig", "VAE", "DiagonalGaussian", "AutoencoderKL", "load_vae"]
 
@@ -296,8 +296,9 @@ class DiagonalGaussian:
 
 # ----------------------------------------------------------------------------- wrapper
 
-class VAE:
-    """A loaded autoencoder: ``config``, ``graphdef`` and ``params``.
+class VAE(LoadedModel):
+    """A loaded autoencoder (`weights.LoadedModel`: ``config``, ``graphdef``, ``params``,
+    ``dtype``, ``param_dtype``, ``mesh``).
 
     ``apply_encode(params, images)`` / ``apply_decode(params, latents)`` are pure functions
     of their arguments (NCHW in, NCHW out) for use inside your own ``jax.jit``;
@@ -309,12 +310,9 @@ class VAE:
     """
 
     def __init__(self, config: VAEConfig, graphdef, params, *, dtype, param_dtype,
-                 upcast: bool = False, folder=None):
-        self.config = config
-        self.graphdef = graphdef
-        self.params = params
-        self.dtype = jnp.dtype(dtype)
-        self.param_dtype = jnp.dtype(param_dtype)
+                 upcast: bool = False, folder=None, mesh=None):
+        super().__init__(config, graphdef, params, dtype=dtype, param_dtype=param_dtype,
+                         mesh=mesh)
         self.upcast = upcast
         self.folder = folder
         self._encode = jax.jit(self.apply_encode)
@@ -325,10 +323,6 @@ class VAE:
         return (f"VAE(block_out_channels={list(c.block_out_channels)}, latent_channels="
                 f"{c.latent_channels}, dtype={self.dtype.name}, param_dtype="
                 f"{self.param_dtype.name}, upcast={self.upcast}, folder={self.folder})")
-
-    @property
-    def module(self) -> AutoencoderKL:
-        return nnx.merge(self.graphdef, self.params)
 
     # -- input checks (run at trace time, so before anything compiles)
 
@@ -450,7 +444,5 @@ def load_vae(path, dtype=jnp.float32, param_dtype=None, subfolder: str | None = 
                                            param_dtype=pdtype, rngs=rngs),
         pdtype, stem="diffusion_pytorch_model", variant=variant, mesh=mesh,
         convert=convert_legacy_keys)
-    vae = VAE(config, graphdef, params, dtype=compute, param_dtype=pdtype, upcast=upcast,
-              folder=folder)
-    vae.mesh = mesh
-    return vae
+    return VAE(config, graphdef, params, dtype=compute, param_dtype=pdtype, upcast=upcast,
+               folder=folder, mesh=mesh)

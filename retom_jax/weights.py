@@ -251,6 +251,24 @@ def load_module(folder, build: Callable[[KeySource], nnx.Module], param_dtype, *
                        placement=param_placement(mesh))
 
 
+class LoadedModel:
+    """What the loaders return, the base of the VAE's and the encoders' wrappers:
+    ``config``, ``graphdef`` and ``params`` (``module`` merges them), the compute
+    ``dtype``, the weights' ``param_dtype`` and the ``mesh`` the parameters are placed on
+    (None: not sharded)."""
+
+    def __init__(self, config, graphdef, params, *, dtype, param_dtype=None, mesh=None):
+        self.config, self.graphdef, self.params = config, graphdef, params
+        self.dtype = jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(dtype if param_dtype is None else param_dtype)
+        self.mesh = mesh
+
+    @property
+    def module(self) -> nnx.Module:
+        """The NNX module with these parameters."""
+        return nnx.merge(self.graphdef, self.params)
+
+
 # ----------------------------------------------------------------------------- mapping
 
 def torch_key(path: tuple) -> str:

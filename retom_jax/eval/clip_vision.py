@@ -29,8 +29,8 @@ from ..attention import check_implementation
 from ..clip import (MODEL_CLASSES, CLIPEncoder, TextEncoder, TextEncoderConfig,
                     check_encoder_fields, load_tokenizer, tokenize)
 from ..layers import layer_norm, linear
-from ..weights import (CheckpointError, cached_snapshot, config_errors, config_fields,
-                       load_module, parse_dtype, read_config, read_json)
+from ..weights import (CheckpointError, LoadedModel, cached_snapshot, config_errors,
+                       config_fields, load_module, parse_dtype, read_config, read_json)
 
 __all__ = ["VisionConfig", "CLIPVisionModelWithProjection", "ImageEncoder", "CLIP",
            "ImageProcessor", "load_clip", "clip_scores", "clip_score"]
@@ -225,16 +225,17 @@ def _as_uint8(image) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- wrappers
 
-class ImageEncoder:
-    """A loaded CLIP image tower with projection: ``config``, ``graphdef``, ``params``.
+class ImageEncoder(LoadedModel):
+    """A loaded CLIP image tower with projection (`weights.LoadedModel`: ``config``,
+    ``graphdef``, ``params``, ``dtype``), with its image ``processor``.
 
     ``apply(params, pixel_values)`` is pure; ``encoder(pixel_values)`` runs it jitted and
     returns ``(last_hidden_state, pooler_output, image_embeds)``."""
 
     def __init__(self, config: VisionConfig, graphdef, params, processor: ImageProcessor,
                  dtype):
-        self.config, self.graphdef, self.params = config, graphdef, params
-        self.processor, self.dtype = processor, jnp.dtype(dtype)
+        super().__init__(config, graphdef, params, dtype=dtype)
+        self.processor = processor
         self._jitted = jax.jit(self.apply)
 
     def apply(self, params, pixel_values):
