@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import demo, shapes
+from .save import save_params, save_unet
 from .train import (Progress, init_module, TrainConfig, Trainer, TrainState, fingerprint, latest_checkpoint,
-                    load_checkpoint, make_optimizer, plot_losses, save_checkpoint, save_unet,
-                    torch_state_dict, write_safetensors)
+                    load_checkpoint, make_optimizer, plot_losses, save_checkpoint)
 
 DEFAULTS = dict(images=4096, vae_steps=300, unet_steps=1500, batch=12, vae_lr=2e-3, vae_crop=32,
                 unet_lr=2e-3, kl_weight=1e-5, seed=0)
@@ -191,13 +191,11 @@ def write_pipeline(out: Path, unet_params, vae, text_encoder, scaling_factor: fl
                   "scaling_factor": float(scaling_factor)}
     (out / "vae").mkdir(exist_ok=True)
     (out / "vae" / "config.json").write_text(json.dumps(vae_config, indent=2) + "\n")
-    write_safetensors(out / "vae" / "diffusion_pytorch_model.safetensors",
-                      torch_state_dict(vae.params, dtype), {"format": "pt"})
+    save_params(vae.params, out / "vae", "diffusion_pytorch_model", dtype)
     (out / "text_encoder").mkdir(exist_ok=True)
     (out / "text_encoder" / "config.json").write_text(
         json.dumps(text_encoder_config(), indent=2) + "\n")
-    write_safetensors(out / "text_encoder" / "model.safetensors",
-                      torch_state_dict(text_encoder.params, dtype), {"format": "pt"})
+    save_params(text_encoder.params, out / "text_encoder", "model", dtype)
     demo.demo_tokenizer(words=demo.DEMO_WORDS).save_pretrained(str(out / "tokenizer"))
 
 

@@ -4,20 +4,74 @@
 
 ``save_pipeline(load_pipeline("demo"), "demo-sd")`` turns the built-in demo model into a
 folder that ``retom-jax generate --model demo-sd`` (and diffusers) load.
+
+This is the one writer of weights: :func:`save_pipeline`, :func:`save_unet` (what
+``retom-jax train`` writes after full fine-tuning), :func:`save_params` (one component) all
+go through :func:`torch_state_dict` (PyTorch names and layouts, gathered from a mesh) and
+:func:`write_safetensors`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import struct
 from pathlib import Path
 
+import jax
 import numpy as np
-from flax import nnx
 
+from . import weights
 from .schedulers import _CLASSES as SCHEDULER_CLASSES
-from .weights import torch_key
 
-__all__ = ["save_pipeline"]
+__all__ = ["save_pipeline", "save_unet", "save_params", "torch_state_dict",
+           "write_safetensors"]
+
+_ST_NAMES = {np.dtype(v): k for k, v in weights._ST_DTYPES.items()}
+
+
+def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path:
+    """Write ``{name: array}`` as a safetensors file (``metadata``: string to string),
+    atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    header, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        a = np.asarray(tensors[name])
+        a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
+        if a.dtype not in _ST_NAMES:
+            raise TypeError(f"{name}: dtype {a.dtype} cannot be stored in safetensors")
+        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        blobs.append(a.tobytes())
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for b in blobs:
+            f.write(b)
+    os.replace(tmp, path)
+    return path
+
+
+def _host(a) -> np.ndarray:
+    """An array (sharded over a mesh, possibly over several hosts) as one NumPy array."""
+    from .sharding import to_host
+
+    return to_host(getattr(a, "value", a))
+
+
+def _path_key(path) -> str:
+    """The PyTorch module name of a parameter path, e.g.
+    ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight``."""
+    from .sharding import _flat_path
+
+    return weights.torch_key(_flat_path(path))
 
 
 def _torch_layout(array: np.ndarray, leaf: str) -> np.ndarray:
@@ -28,18 +82,36 @@ def _torch_layout(array: np.ndarray, leaf: str) -> np.ndarray:
     return array
 
 
-def _save_params(params, folder: Path, stem: str):
-    from safetensors.numpy import save_file
+def torch_state_dict(params, dtype=None) -> dict[str, np.ndarray]:
+    """A module's parameters as a PyTorch state dict (diffusers/transformers names and
+    layouts: linear weights (out, in), convolutions OIHW), optionally cast to ``dtype``;
+    arrays sharded over a mesh are gathered."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        a = _torch_layout(_host(leaf), str(getattr(path[-1], "key", path[-1])))
+        out[_path_key(path)] = a if dtype is None else a.astype(dtype)
+    return out
 
-    tensors = {}
-    for path, value in nnx.to_flat_state(params):
-        leaf = str(path[-1])
-        array = np.asarray(getattr(value, "value", value))
-        if array.dtype.name == "bfloat16":  # safetensors' numpy writer has no bf16
-            array = array.astype(np.float32)
-        tensors[torch_key(path)] = np.ascontiguousarray(_torch_layout(array, leaf))
+
+def save_params(params, folder, stem: str, dtype=None) -> Path:
+    """``folder/{stem}.safetensors``: one component's weights in PyTorch layout."""
+    return write_safetensors(Path(folder) / f"{stem}.safetensors",
+                             torch_state_dict(params, dtype), {"format": "pt"})
+
+
+def save_unet(folder, config, params, dtype=None) -> Path:
+    """A diffusers ``UNet2DConditionModel`` folder: ``config.json`` (from a ``UNetConfig``,
+    or a config.json dict kept as it is) and ``diffusion_pytorch_model.safetensors``
+    (``dtype``: None keeps the parameters' own)."""
+    folder = Path(folder)
+    if dataclasses.is_dataclass(config):
+        config = unet_config(config)
+    config = {"_class_name": "UNet2DConditionModel",
+              **{k: v for k, v in config.items() if k != "_class_name"}}
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / f"{stem}.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
+    save_params(params, folder, "diffusion_pytorch_model", dtype)
+    return folder
 
 
 def _write_json(path: Path, value: dict):
@@ -87,7 +159,8 @@ def scheduler_config(scheduler) -> dict:
 
 def save_pipeline(pipe, folder) -> Path:
     """Write ``pipe`` (SD or SDXL) as a diffusers pipeline folder; returns the folder.
-    Weights are stored in their parameter dtype (bfloat16 as float32)."""
+    Weights are stored in their parameter dtype (float32, float16 or bfloat16; a pipeline
+    on a mesh is gathered)."""
     from . import __version__
     from .pipeline import StableDiffusionXLPipeline
 
@@ -113,14 +186,13 @@ def save_pipeline(pipe, folder) -> Path:
         index.update(safety_checker=[None, None], feature_extractor=[None, None],
                      requires_safety_checker=False)
 
-    _save_params(pipe.unet.params, folder / "unet", "diffusion_pytorch_model")
-    _write_json(folder / "unet" / "config.json", unet_config(pipe.unet.config))
-    _save_params(pipe.vae.params, folder / "vae", "diffusion_pytorch_model")
+    save_unet(folder / "unet", pipe.unet.config, pipe.unet.params)
+    save_params(pipe.vae.params, folder / "vae", "diffusion_pytorch_model")
     vae = {"_class_name": "AutoencoderKL"}
     vae.update({k: _plain(v) for k, v in dataclasses.asdict(pipe.vae.config).items()})
     _write_json(folder / "vae" / "config.json", vae)
     for te_name, tok_name, encoder, tokenizer in encoders:
-        _save_params(encoder.params, folder / te_name, "model")
+        save_params(encoder.params, folder / te_name, "model")
         _write_json(folder / te_name / "config.json", text_encoder_config(encoder.config))
         tokenizer.save_pretrained(str(folder / tok_name))
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(pipe.scheduler))

@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 __all__ = [
     "AXES", "LOGICAL_AXIS_RULES", "MIN_SHARD_SIZE", "make_mesh", "parse_mesh", "logical_spec",
     "param_logical_axes", "param_spec", "param_placement", "shard_params", "padded_batch",
-    "check_split", "initialize_distributed", "mesh_shape", "to_host",
+    "check_split", "initialize_distributed", "mesh_shape", "to_host", "shard_batch",
 ]
 
 AXES = ("data", "fsdp", "spatial")
@@ -61,6 +61,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "fsdp"),             # embedding tables: rows ...
     ("embed", "fsdp"),             # ... or features
     ("window", None),              # a conv kernel's height and width
+    ("rank", None),                # a LoRA adapter's rank (its "down" is (in, rank), "up" (rank, out))
     ("vector", None),              # 1-D leaves: biases, norm scales
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
@@ -183,6 +184,8 @@ def param_logical_axes(path, shape) -> tuple:
         return ("vector",) * len(shape)
     if leaf == "embedding" and len(shape) == 2:
         return ("vocab", "embed")
+    if leaf in ("down", "up") and len(shape) == 2:  # LoRA adapters (retom_jax.train)
+        return ("in", "rank") if leaf == "down" else ("rank", "out")
     if len(shape) == 2:   # Linear kernel (in, out)
         return ("in", "out")
     if len(shape) == 4:   # Conv kernel HWIO
@@ -272,6 +275,17 @@ def to_global(x, sharding: NamedSharding):
     process and with several (each builds only its own devices' shards)."""
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def shard_batch(x, mesh: Mesh):
+    """A host batch (rows first) as a global array split over the mesh's ``data`` and
+    ``fsdp`` axes (the "batch" rule); ValueError when its rows do not divide over them."""
+    n = batch_shards(mesh)
+    rows = int(np.shape(x)[0])
+    if rows % n:
+        raise ValueError(f"a batch of {rows} does not divide over the mesh's data x fsdp = "
+                         f"{n} devices: use a multiple of {n}")
+    return to_global(x, NamedSharding(mesh, logical_spec(("batch",), mesh)))
 
 
 def to_host(x) -> np.ndarray:

@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import struct
 import sys
 import time
 from pathlib import Path
@@ -38,12 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import weights
+from .save import _host, _path_key, save_unet, torch_state_dict, write_safetensors
 
 __all__ = ["TrainConfig", "TrainState", "Trainer", "diffusion_loss", "make_optimizer",
            "lora_targets", "init_lora", "fuse_lora", "lora_state_dict", "save_lora",
            "torch_state_dict", "save_unet", "write_safetensors", "save_checkpoint",
            "load_checkpoint", "latest_checkpoint", "load_image_folder", "encode_dataset",
-           "plot_losses", "TrainError", "train", "add_train_parser"]
+           "encode_dataset_xl",
+           "plot_losses", "TrainError", "train", "add_train_parser", "state_shardings"]
 
 _F32 = jnp.float32
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -197,18 +198,6 @@ def init_module(build, seed: int = 0):
     return graphdef, nnx.from_flat_state(flat)
 
 
-def _path_key(path) -> str:
-    """The PyTorch module name of a parameter path, e.g.
-    ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight``."""
-    parts = []
-    for p in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(p, attr):
-                parts.append(getattr(p, attr))
-                break
-    return weights.torch_key(tuple(parts))
-
-
 def lora_targets(params) -> dict[str, tuple[int, int]]:
     """``{module name: (in_features, out_features)}`` of the attention projections that
     LoRA adapts (``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every transformer block)."""
@@ -276,7 +265,8 @@ class Trainer:
 
     def __init__(self, unet, alphas_cumprod, config: TrainConfig, *, merge=None,
                  scaling_factor: float = 1.0, prediction_type: str | None = None,
-                 empty_hidden_states=None):
+                 empty_hidden_states=None, mesh=None, empty_text_embeds=None,
+                 latents_mean=None, latents_std=None):
         self.unet, self.config, self.merge = unet, config, merge
         self.alphas_cumprod = np.asarray(alphas_cumprod, np.float32)
         self.prediction_type = config.prediction_type or prediction_type or "epsilon"
@@ -284,27 +274,98 @@ class Trainer:
         self.optimizer = make_optimizer(config)
         self.lr = config.schedule()
         self.empty = None if empty_hidden_states is None else jnp.asarray(empty_hidden_states)
+        self.empty_pooled = None if empty_text_embeds is None else jnp.asarray(empty_text_embeds)
+        # SDXL VAEs with latents_mean / latents_std: z -> (z - mean) * factor / std, as the
+        # pipeline's decoder undoes it
+        self.latent_stats = None if latents_mean is None or latents_std is None else (
+            np.asarray(latents_mean, np.float32).reshape(1, -1, 1, 1),
+            np.asarray(latents_std, np.float32).reshape(1, -1, 1, 1))
         self.param_dtype = jnp.dtype(jax.tree_util.tree_leaves(unet.params)[0].dtype)
-        self._step = jax.jit(self._step_fn, donate_argnums=(0,))
+        self.mesh = mesh
+        if mesh is None:
+            self._step = jax.jit(self._step_fn, donate_argnums=(0,))
+        else:
+            self._place_on_mesh(mesh)
 
     @property
     def is_lora(self) -> bool:
         return self.config.lora_rank is not None
 
     # -- state
-    def trainable(self, key=None):
-        """Initial trainable parameters: fresh adapters, or (a float32 copy of) the UNet's."""
+    def trainable(self, key=None, base=None):
+        """Initial trainable parameters: fresh adapters, or (a float32 copy of) the UNet's
+        (``base``: the UNet parameters, default ``unet.params``)."""
+        base = self.unet.params if base is None else base
+        key = key if key is not None else jax.random.key(self.config.seed)
         if self.is_lora:
             dtype = _F32 if self.config.master_fp32 else self.param_dtype
-            return init_lora(self.unet.params, self.config.lora_rank,
-                             key if key is not None else jax.random.key(self.config.seed), dtype)
-        if self.config.master_fp32:
-            return jax.tree_util.tree_map(lambda a: jnp.array(a, _F32, copy=True), self.unet.params)
-        return jax.tree_util.tree_map(jnp.copy, self.unet.params)
+            return init_lora(base, self.config.lora_rank, key, dtype)
+        dtype = _F32 if self.config.master_fp32 else None
+        return jax.tree_util.tree_map(lambda a: jnp.array(a, dtype or a.dtype, copy=True), base)
 
     def init(self, key=None) -> TrainState:
-        params = self.trainable(key)
+        key = key if key is not None else jax.random.key(self.config.seed)
+        if self.mesh is not None:  # built on the mesh, shard by shard
+            return self._init_jit(self.unet.params, _replicated(key, self.mesh))
+        return self._init_fn(self.unet.params, key)
+
+    def _init_fn(self, base, key) -> TrainState:
+        params = self.trainable(key, base)
         return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params))
+
+    # -- the mesh
+
+    def _place_on_mesh(self, mesh):
+        """Put the UNet's parameters on ``mesh`` by the sharding rules, and derive the
+        shardings of the training state from the same rules: each trained leaf, and each
+        of its optimizer moments (same leaf name and shape), takes its parameter's spec;
+        scalars are replicated. The step is jitted with these as its explicit input and
+        output shardings, the batch split over ``data`` and ``fsdp``."""
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from . import sharding
+
+        if sharding.mesh_shape(mesh)["spatial"] > 1:
+            raise TrainError(f"training splits the batch over data and fsdp; the mesh has "
+                             f"spatial={mesh.shape['spatial']} (spatial sharding is for "
+                             f"sampling): use a mesh without spatial")
+        self.unet.params = sharding.shard_params(self.unet.params, mesh)
+        self.unet.mesh = mesh  # the UNet's activations: batch-sharded between blocks
+        self.rep = NamedSharding(mesh, P())
+        self.batch_sharding = NamedSharding(mesh, sharding.logical_spec(("batch",), mesh))
+        shape = jax.eval_shape(self._init_fn, self.unet.params, jax.random.key(0))
+        self.state_sharding = state_shardings(shape, mesh)
+        frozen = self.frozen()
+        frozen_sh = None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen)
+        self._init_jit = jax.jit(self._init_fn, in_shardings=(
+            jax.tree.map(lambda a: a.sharding, self.unet.params), self.rep),
+            out_shardings=self.state_sharding)
+        self._step = jax.jit(
+            self._step_fn, donate_argnums=(0,),
+            in_shardings=(self.state_sharding, frozen_sh, self.batch_sharding, self.rep),
+            out_shardings=(self.state_sharding, self.rep))
+
+    def place(self, state: TrainState) -> TrainState:
+        """A state (e.g. read from a checkpoint) placed with the step's shardings (as is
+        without a mesh)."""
+        if self.mesh is None:
+            return state
+        from .sharding import to_global
+
+        return jax.tree.map(to_global, state, self.state_sharding)
+
+    def place_batch(self, batch: dict) -> dict:
+        """The batch split over the mesh's ``data`` and ``fsdp`` axes; a batch that does not
+        divide over them is a TrainError (before anything compiles)."""
+        if self.mesh is None:
+            return batch
+        from .sharding import shard_batch
+
+        try:
+            return jax.tree.map(lambda x: shard_batch(x, self.mesh), batch)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
 
     def frozen(self):
         """The arguments that are not trained (the base UNet for LoRA, nothing otherwise)."""
@@ -330,32 +391,43 @@ class Trainer:
                               added_cond_kwargs=added_cond_kwargs)
 
     def draw(self, batch, key):
-        """Latent sample (scaled), noise, timesteps and conditioning for one step."""
+        """Latent sample (scaled), noise, timesteps and conditioning for one step: ``(lat,
+        noise, t, encoder_hidden_states, added_cond_kwargs)`` (the last None but for
+        SDXL)."""
         k_lat, k_noise, k_t, k_drop = jax.random.split(key, 4)
         mean = jnp.asarray(batch["latents"], _F32)
         std = batch.get("latents_std")
         lat = mean if std is None else mean + jnp.asarray(std, _F32) * jax.random.normal(
             k_lat, mean.shape, _F32)
-        lat = lat * self.scaling_factor
+        if self.latent_stats is not None:
+            lat = (lat - self.latent_stats[0]) * self.scaling_factor / self.latent_stats[1]
+        else:
+            lat = lat * self.scaling_factor
         noise = jax.random.normal(k_noise, lat.shape, _F32)
         t = jax.random.randint(k_t, (lat.shape[0],), 0, len(self.alphas_cumprod))
         ehs = batch["encoder_hidden_states"]
+        added = batch.get("added_cond_kwargs")
         if self.config.caption_dropout:
-            if self.empty is None:
+            if self.empty is None or (added is not None and self.empty_pooled is None):
                 raise TrainError("caption_dropout needs the empty prompt's hidden states "
-                                 "(Trainer(empty_hidden_states=...))")
-            drop = jax.random.uniform(k_drop, (lat.shape[0], 1, 1)) < self.config.caption_dropout
-            ehs = jnp.where(drop, self.empty.astype(ehs.dtype)[None], ehs)
-        return lat, noise, t, ehs
+                                 "(Trainer(empty_hidden_states=...), and for SDXL "
+                                 "empty_text_embeds=...)")
+            drop = jax.random.uniform(k_drop, (lat.shape[0],)) < self.config.caption_dropout
+            ehs = jnp.where(drop[:, None, None], self.empty.astype(ehs.dtype)[None], ehs)
+            if added is not None:
+                pooled = added["text_embeds"]
+                added = dict(added, text_embeds=jnp.where(
+                    drop[:, None], self.empty_pooled.astype(pooled.dtype)[None], pooled))
+        return lat, noise, t, ehs, added
 
     def _step_fn(self, state: TrainState, frozen, batch, key):
         import optax
 
         key = jax.random.fold_in(key, state.step)
-        lat, noise, t, ehs = self.draw(batch, key)
+        lat, noise, t, ehs, added = self.draw(batch, key)
         merge_key = jax.random.fold_in(key, 7)
         loss, grads = jax.value_and_grad(self.loss)(state.params, frozen, lat, ehs, noise, t,
-                                                    merge_key, batch.get("added_cond_kwargs"))
+                                                    merge_key, added)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
@@ -363,73 +435,52 @@ class Trainer:
         return TrainState(state.step + 1, params, opt_state), metrics
 
     def step(self, state: TrainState, batch, key, frozen=None):
+        if self.mesh is not None:
+            batch, key = self.place_batch(batch), _replicated(key, self.mesh)
         return self._step(state, self.frozen() if frozen is None else frozen, batch, key)
 
     def lower(self, state, batch, key):
         """The step lowered for these shapes (for ``compile().memory_analysis()``)."""
+        if self.mesh is not None:
+            batch, key = self.place_batch(batch), _replicated(key, self.mesh)
         return self._step.lower(state, self.frozen(), batch, key)
+
+    @property
+    def compile_count(self) -> int:
+        """How many programs the step has compiled (one per batch shape)."""
+        return int(self._step._cache_size())
+
+
+def state_shardings(tree, mesh, min_size: int | None = None):
+    """``NamedSharding``s for a training state (parameters, LoRA adapters, optimizer
+    moments, master copies): each leaf by ``sharding.param_spec`` of its leaf name and
+    shape, i.e. by the one rule table (large kernels and their Adam moments split over
+    ``fsdp``; scalars, step counters and small leaves replicated)."""
+    from jax.sharding import NamedSharding
+
+    from . import sharding
+
+    def spec(keypath, leaf):
+        return NamedSharding(mesh, sharding.param_spec(sharding._flat_path(keypath),
+                                                       tuple(np.shape(leaf)), mesh, min_size))
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def _replicated(key, mesh):
+    """A PRNG key (typed or raw) as a global array replicated over ``mesh``."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from .sharding import to_global
+
+    rep = NamedSharding(mesh, P())
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(to_global(jax.random.key_data(key), rep),
+                                        impl=jax.random.key_impl(key))
+    return to_global(key, rep)
 
 
 # --------------------------------------------------------------------------- files
-
-_ST_NAMES = {np.dtype(v): k for k, v in weights._ST_DTYPES.items()}
-
-
-def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path:
-    """Write ``{name: array}`` as a safetensors file (``metadata``: string to string),
-    atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    header, blobs, offset = {}, [], 0
-    for name in sorted(tensors):
-        a = np.asarray(tensors[name])
-        a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
-        if a.dtype not in _ST_NAMES:
-            raise TypeError(f"{name}: dtype {a.dtype} cannot be stored in safetensors")
-        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        blobs.append(a.tobytes())
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for b in blobs:
-            f.write(b)
-    os.replace(tmp, path)
-    return path
-
-
-def torch_state_dict(params, dtype=None) -> dict[str, np.ndarray]:
-    """A module's parameters as a PyTorch state dict (diffusers/transformers names and
-    layouts: linear weights (out, in), convolutions OIHW), optionally cast to ``dtype``."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        key = _path_key(path)
-        leaf_name = str(getattr(path[-1], "key", path[-1]))
-        a = np.asarray(jax.device_get(leaf))
-        if leaf_name == "kernel":
-            a = a.T if a.ndim == 2 else a.transpose(3, 2, 0, 1) if a.ndim == 4 else a
-        out[key] = a if dtype is None else a.astype(dtype)
-    return out
-
-
-def save_unet(folder, unet_config: dict, params, dtype=np.float32) -> Path:
-    """A diffusers ``UNet2DConditionModel`` folder: ``config.json`` and
-    ``diffusion_pytorch_model.safetensors``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": "UNet2DConditionModel", **{k: v for k, v in unet_config.items()
-                                                        if k != "_class_name"}}
-    (folder / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
-    write_safetensors(folder / "diffusion_pytorch_model.safetensors",
-                      torch_state_dict(params, dtype), {"format": "pt"})
-    return folder
-
 
 def lora_state_dict(lora: dict, prefix: str = "unet", dtype=np.float32) -> dict:
     """Adapters in diffusers' peft layout: ``{prefix}.{module}.lora_A.weight`` (rank, in)
@@ -479,9 +530,9 @@ def save_checkpoint(folder, state, tag: str, extra: dict | None = None, keep: in
     when resuming. Only the newest ``keep`` checkpoints are kept."""
     folder = Path(folder)
     leaves = jax.tree_util.tree_leaves_with_path(state)
-    tensors = {f"{i:05d}{jax.tree_util.keystr(p)}": np.asarray(jax.device_get(a))
+    tensors = {f"{i:05d}{jax.tree_util.keystr(p)}": _host(a)
                for i, (p, a) in enumerate(leaves)}
-    step = int(jax.device_get(state.step))
+    step = int(_host(state.step))
     meta = {"retom_jax_checkpoint": "1", "tag": tag, "step": str(step),
             "extra": json.dumps(extra or {})}
     path = write_safetensors(folder / f"step_{step:06d}.safetensors", tensors, meta)
@@ -627,18 +678,22 @@ def plot_losses(path, curves: dict, title: str = "training loss", size=(640, 400
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def _center_crop_resize(image, resolution: int) -> np.ndarray:
+def _center_crop_resize(image, resolution: int, with_coords: bool = False):
     """As diffusers' training scripts: resize the shorter side to ``resolution``
-    (bilinear), then crop the centre square. uint8 [resolution, resolution, 3]."""
+    (bilinear), then crop the centre square. uint8 [resolution, resolution, 3]; with
+    ``with_coords`` also ``(height, width, top, left)``: the original size and the crop's
+    top-left corner (SDXL's size conditioning)."""
     from PIL import Image
 
     image = image.convert("RGB")
     w, h = image.size
-    s = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    # torchvision's Resize(resolution): the longer side truncated; CenterCrop's rounding
+    nw, nh = ((resolution, int(resolution * h / w)) if w <= h
+              else (int(resolution * w / h), resolution))
     image = image.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    return np.asarray(image.crop((left, top, left + resolution, top + resolution)), np.uint8)
+    left, top = int(round((nw - resolution) / 2.0)), int(round((nh - resolution) / 2.0))
+    out = np.asarray(image.crop((left, top, left + resolution, top + resolution)), np.uint8)
+    return (out, (h, w, top, left)) if with_coords else out
 
 
 def read_metadata(folder, caption_column: str = "text") -> list[tuple[Path, str]]:
@@ -689,20 +744,27 @@ def read_metadata(folder, caption_column: str = "text") -> list[tuple[Path, str]
     return rows
 
 
-def load_image_folder(folder, resolution: int, caption_column: str = "text"):
+def load_image_folder(folder, resolution: int, caption_column: str = "text",
+                      with_sizes: bool = False):
     """``(images uint8 [N, resolution, resolution, 3], captions)`` of a diffusers image
-    folder, centre-cropped and resized (see :func:`read_metadata` for the errors)."""
+    folder, centre-cropped and resized (see :func:`read_metadata` for the errors); with
+    ``with_sizes`` also ``[N, 4]`` int32 ``(height, width, crop top, crop left)``."""
     from PIL import Image, UnidentifiedImageError
 
     rows = read_metadata(folder, caption_column)
-    images = []
+    images, sizes = [], []
     for path, _ in rows:
         try:
             with Image.open(path) as im:
-                images.append(_center_crop_resize(im, resolution))
+                image, size = _center_crop_resize(im, resolution, with_coords=True)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise TrainError(f"{path} cannot be read as an image ({type(e).__name__})") from None
-    return np.stack(images), [c for _, c in rows]
+        images.append(image)
+        sizes.append(size)
+    captions = [c for _, c in rows]
+    if with_sizes:
+        return np.stack(images), captions, np.asarray(sizes, np.int32)
+    return np.stack(images), captions
 
 
 def data_fingerprint(folder, resolution: int, caption_column: str, model_tag: str) -> str:
@@ -718,6 +780,17 @@ def encode_dataset(vae, text_encoder, tokenizer, images: np.ndarray, captions: l
     the empty prompt, and each image's caption index."""
     from .clip import tokenize
 
+    means, stds = _encode_latents(vae, images, chunk)
+    unique = sorted(set(captions))
+    ids = tokenize(tokenizer, unique + [""])
+    states = np.asarray(text_encoder(ids).last_hidden_state, np.float32)
+    lookup = {c: i for i, c in enumerate(unique)}
+    return {"means": means, "stds": stds, "states": states[:-1], "empty": states[-1],
+            "index": np.asarray([lookup[c] for c in captions], np.int32)}
+
+
+def _encode_latents(vae, images, chunk: int = 8):
+    """Posterior means and standard deviations (NCHW float32) of uint8 NHWC images."""
     enc = jax.jit(lambda p, x: vae.apply_encode(p, x))
     means, stds = [], []
     for i in range(0, len(images), chunk):
@@ -725,12 +798,28 @@ def encode_dataset(vae, text_encoder, tokenizer, images: np.ndarray, captions: l
         post = enc(vae.params, jnp.asarray(x.transpose(0, 3, 1, 2)))
         means.append(np.asarray(post.mean, np.float32))
         stds.append(np.asarray(post.std, np.float32))
+    return np.concatenate(means), np.concatenate(stds)
+
+
+def encode_dataset_xl(pipe, images: np.ndarray, captions: list[str], sizes: np.ndarray,
+                      resolution: int, chunk: int = 8) -> dict:
+    """:func:`encode_dataset` for SDXL (as diffusers' ``train_text_to_image_sdxl``): each
+    caption's hidden states from both text encoders (their penultimate layers, joined) and
+    its pooled ``text_embeds`` from the second, through the pipeline's own
+    ``encode_prompt``, and per image the ``time_ids`` (original height, width, crop top,
+    crop left, target height, width) from ``sizes`` (:func:`load_image_folder`)."""
+    means, stds = _encode_latents(pipe.vae, images, chunk)
     unique = sorted(set(captions))
-    ids = tokenize(tokenizer, unique + [""])
-    states = np.asarray(text_encoder(ids).last_hidden_state, np.float32)
+    cond = pipe.encode_prompt(unique + [""], guidance_scale=1.0, height=resolution,
+                              width=resolution)
+    states = np.asarray(cond["encoder_hidden_states"], np.float32)
+    pooled = np.asarray(cond["text_embeds"], np.float32)
     lookup = {c: i for i, c in enumerate(unique)}
-    return {"means": np.concatenate(means), "stds": np.concatenate(stds),
-            "states": states[:-1], "empty": states[-1],
+    sizes = np.asarray(sizes, np.float32).reshape(-1, 4)
+    target = np.full((len(sizes), 2), resolution, np.float32)
+    return {"means": means, "stds": stds, "states": states[:-1], "empty": states[-1],
+            "pooled": pooled[:-1], "empty_pooled": pooled[-1],
+            "time_ids": np.concatenate([sizes, target], axis=1),
             "index": np.asarray([lookup[c] for c in captions], np.int32)}
 
 
@@ -760,9 +849,12 @@ def batches(data: dict, batch_size: int, seed: int, step: int) -> dict:
         idx = perm[pos * batch_size:(pos + 1) * batch_size]
     else:
         idx = np.resize(perm, batch_size)
-    return {"latents": jnp.asarray(data["means"][idx]),
-            "latents_std": jnp.asarray(data["stds"][idx]),
-            "encoder_hidden_states": jnp.asarray(data["states"][data["index"][idx]])}
+    batch = {"latents": data["means"][idx], "latents_std": data["stds"][idx],
+             "encoder_hidden_states": data["states"][data["index"][idx]]}
+    if "pooled" in data:  # SDXL
+        batch["added_cond_kwargs"] = {"text_embeds": data["pooled"][data["index"][idx]],
+                                      "time_ids": data["time_ids"][idx]}
+    return batch
 
 
 # --------------------------------------------------------------------------- the run
@@ -774,15 +866,17 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
           master_fp32: bool = False, max_grad_norm: float | None = 1.0,
           weight_decay: float = 1e-2, caption_dropout: float = 0.0,
           checkpoint_every: int = 500, caption_column: str = "text", seed: int = 0,
-          save_dtype="float32", progress: bool = True, log=print) -> dict:
-    """Fine-tune the UNet of the SD pipeline ``model`` on the image folder ``data`` and
-    write the result to ``out``: ``pytorch_lora_weights.safetensors`` (LoRA) or a
+          save_dtype="float32", progress: bool = True, log=print, mesh=None) -> dict:
+    """Fine-tune the UNet of the SD 1.x/2.x or SDXL pipeline ``model`` on the image folder
+    ``data`` and write the result to ``out``: ``pytorch_lora_weights.safetensors`` (LoRA) or a
     diffusers ``unet/`` folder (full), ``loss.png``, ``train_log.json``; checkpoints in
     ``out/checkpoints`` every ``checkpoint_every`` steps, from which a rerun with the same
     ``out`` resumes. ``merge``: a merge config, or a function of the UNet's first attention
-    level (downsample factor) returning one. Every input is checked before anything is
-    compiled."""
-    from .pipeline import StableDiffusionPipeline, load_pipeline, pipeline_folder
+    level (downsample factor) returning one. ``mesh`` (``make_mesh(data=, fsdp=)``): the
+    batch is split over ``data`` and ``fsdp`` (``batch_size`` a multiple of their
+    product), the model, the trained parameters and the optimizer state over ``fsdp`` by
+    the sharding rules. Every input is checked before anything is compiled."""
+    from .pipeline import StableDiffusionXLPipeline, load_pipeline, pipeline_folder
     from .weights import parse_dtype
 
     config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
@@ -797,13 +891,22 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
         raise TrainError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     dtype = parse_dtype(dtype)
     save_dtype = np.dtype(parse_dtype(save_dtype))
+    if mesh is not None:
+        from .sharding import batch_shards, mesh_shape
+
+        if mesh_shape(mesh)["spatial"] > 1:
+            raise TrainError(f"training splits the batch over data and fsdp; the mesh has "
+                             f"spatial={mesh.shape['spatial']} (spatial sharding is for "
+                             f"sampling): use a mesh without spatial")
+        if batch_size % batch_shards(mesh):
+            raise TrainError(f"batch size {batch_size} does not divide over the mesh's data x "
+                             f"fsdp = {batch_shards(mesh)} devices: use a multiple of "
+                             f"{batch_shards(mesh)}")
     read_metadata(data, caption_column)  # the data's errors come before the model is read
     out = Path(out)
     t_start = time.perf_counter()
-    pipe = load_pipeline(model, dtype)
-    if not isinstance(pipe, StableDiffusionPipeline):
-        raise TrainError(f"{model} is a {type(pipe).__name__}: retom-jax trains Stable "
-                         f"Diffusion 1.x/2.x UNets (SDXL conditioning is not wired yet)")
+    pipe = load_pipeline(model, dtype, mesh=mesh)
+    xl = isinstance(pipe, StableDiffusionXLPipeline)
     unet, vae = pipe.unet, pipe.vae
     factor = vae.config.vae_scale_factor
     multiple = factor * 2 ** unet.config.num_upsamplers
@@ -818,26 +921,32 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
     tag = fingerprint("unet", unet.config, tree_shapes(unet.params), lora_rank, master_fp32)
     trainer = Trainer(unet, pipe.scheduler.alphas_cumprod(), config, merge=merge,
                       scaling_factor=vae.config.scaling_factor,
-                      prediction_type=pipe.scheduler.prediction_type,
-                      )
+                      prediction_type=pipe.scheduler.prediction_type, mesh=mesh,
+                      **(dict(latents_mean=vae.config.latents_mean,
+                              latents_std=vae.config.latents_std) if xl else {}))
     state = trainer.init(jax.random.key(seed))
     losses: list[float] = []
     ckpts = out / "checkpoints"
     last = latest_checkpoint(ckpts)
     if last is not None:
         state, extra = load_checkpoint(last, state, tag)
+        state = trainer.place(state)
         losses = list(extra.get("losses", []))
         log(f"resumed from {last} (step {int(state.step)})")
 
     def compute():
-        images, captions = load_image_folder(data, resolution, caption_column)
+        images, captions, sizes = load_image_folder(data, resolution, caption_column, True)
         log(f"encoding {len(images)} images ({resolution} px) and {len(set(captions))} "
             f"captions once")
+        if xl:  # both text encoders, pooled text_embeds, per-image size time_ids
+            return encode_dataset_xl(pipe, images, captions, sizes, resolution)
         return encode_dataset(vae, pipe.text_encoder, pipe.tokenizer, images, captions)
 
     cache = out / "cache" / (data_fingerprint(data, resolution, caption_column, tag) + ".npz")
     encoded = cached_encoding(cache, compute)
     trainer.empty = jnp.asarray(encoded["empty"])
+    if xl:
+        trainer.empty_pooled = jnp.asarray(encoded["empty_pooled"])
     kind = f"LoRA rank {lora_rank}" if lora_rank else "full fine-tuning"
     log(f"training the UNet ({kind}, {merge!r} on the forward pass) on "
         f"{len(encoded['means'])} images for {steps} steps")
@@ -865,7 +974,8 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
 
     out.mkdir(parents=True, exist_ok=True)
     if lora_rank:
-        result = save_lora(out, jax.device_get(state.params), lora_rank, lora_alpha, save_dtype)
+        result = save_lora(out, jax.tree.map(_host, state.params), lora_rank, lora_alpha,
+                           save_dtype)
     else:
         raw = weights.read_config(pipeline_folder(model) / "unet")
         result = save_unet(out / "unet", raw, trainer.unet_params(state.params), save_dtype)
@@ -873,7 +983,9 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
     summary = {"model": str(model), "data": str(data), "resolution": resolution,
                "steps": steps, "batch_size": batch_size, "lora_rank": lora_rank,
                "lora_alpha": lora_alpha, "merge": repr(merge), "dtype": str(dtype.name),
-               "learning_rate": learning_rate, "first_loss": losses[0] if losses else None,
+               "learning_rate": learning_rate,
+               "mesh": None if mesh is None else {k: int(v) for k, v in mesh.shape.items()},
+               "first_loss": losses[0] if losses else None,
                "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])) if losses
                else None, "steps_per_second": rate, "compile_seconds": compile_seconds,
                "seconds": round(time.perf_counter() - t_start, 2), "output": str(result),
@@ -887,7 +999,7 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
 
 def add_train_parser(sub):
     """Register ``retom-jax train`` on the CLI's subparsers."""
-    from .cli import MERGES, _positive_int, _window
+    from .cli import MERGES, _mesh, _positive_int, _window
 
     t = sub.add_parser(
         "train", help="fine-tune a Stable Diffusion UNet (LoRA or full), or train the demo model",
@@ -931,6 +1043,11 @@ def add_train_parser(sub):
     t.add_argument("--matching", choices=("local", "global"), default="local")
     t.add_argument("--max-downsample", type=_positive_int, default=None)
     t.add_argument("--todo-factor", type=_positive_int, default=2)
+    t.add_argument("--mesh", type=_mesh, default=None, metavar="AXIS=N,...",
+                   help="train on a device mesh, e.g. data=4,fsdp=2: the batch over data and "
+                        "fsdp (--batch-size a multiple of both), the model and the optimizer "
+                        "state over fsdp; an axis left out is 1, except data, which takes the "
+                        "devices left")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(handler=run_train, subparser=t)
     return t
@@ -941,7 +1058,7 @@ def run_train(args, parser) -> int:
     from .weights import CheckpointError
 
     if args.demo:
-        given = [f"--{k.replace('_', '-')}" for k in ("model", "data", "lora_rank")
+        given = [f"--{k.replace('_', '-')}" for k in ("model", "data", "lora_rank", "mesh")
                  if getattr(args, k) is not None]
         if given:
             parser.error(f"--demo trains the demo model with its own recipe: {', '.join(given)} "
@@ -956,6 +1073,11 @@ def run_train(args, parser) -> int:
     args.cache_step, args.window_schedule = None, ()
     try:
         make_merge(args, 1)  # bad merge options fail here, before any model is read
+        mesh = None
+        if args.mesh is not None:
+            from .sharding import make_mesh
+
+            mesh = make_mesh(**{"data": -1, **args.mesh})
         train(args.model, args.data, args.out, resolution=args.resolution,
               lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, steps=args.steps,
               batch_size=args.batch_size, learning_rate=args.lr,
@@ -966,7 +1088,7 @@ def run_train(args, parser) -> int:
               max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay,
               caption_dropout=args.caption_dropout, checkpoint_every=args.checkpoint_every,
               caption_column=args.caption_column, seed=args.seed, save_dtype=args.save_dtype,
-              progress=not args.no_progress)
+              progress=not args.no_progress, mesh=mesh)
     except (TrainError, CheckpointError, ValueError) as e:
         parser.error(str(e))
     return 0

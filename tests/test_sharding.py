@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 import retom_jax as rj
 from retom_jax import sharding
 from tests.tiny import SD1, SDXL
+from tests.util import run_on_host_devices
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,15 +135,7 @@ def test_count_collectives():
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding") / "cases.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
-               + " --xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, "-m", "tests.sharding_cases", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(out.read_text())
-    assert rows[0]["devices"] == 8
-    return rows
+    return run_on_host_devices("tests.sharding_cases", out)
 
 
 def _parity_rows(report):

@@ -45,7 +45,8 @@ def step_inputs(batch=2, seed=0):
     return lat, noise, ehs, t
 
 
-def torch_step(model, lat, noise, ehs, t, prediction_type="epsilon", snr_gamma=None):
+def torch_step(model, lat, noise, ehs, t, prediction_type="epsilon", snr_gamma=None,
+               added=None):
     """diffusers' training loss (as in its train_text_to_image script) and the gradients."""
     from diffusers.training_utils import compute_snr
 
@@ -54,7 +55,8 @@ def torch_step(model, lat, noise, ehs, t, prediction_type="epsilon", snr_gamma=N
     noisy = sched.add_noise(lat_t, noise_t, t_t)
     target = noise_t if prediction_type == "epsilon" else sched.get_velocity(lat_t, noise_t, t_t)
     model.zero_grad()
-    pred = model(noisy, t_t, torch.from_numpy(ehs)).sample
+    added_t = None if added is None else {k: torch.from_numpy(v) for k, v in added.items()}
+    pred = model(noisy, t_t, torch.from_numpy(ehs), added_cond_kwargs=added_t).sample
     if snr_gamma is None:
         loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
     else:
@@ -117,6 +119,99 @@ def test_step_equals_diffusers(sd1, case):
     else:  # merging really changed the step
         plain = _PLAIN[key] if key in _PLAIN else our_step(unet, *args, **case)[1]
         assert grad_err(grads, plain) > 1e-3
+
+
+def test_sdxl_step_equals_diffusers(tmp_path):
+    """SDXL: one step's loss and gradients with the pooled text embeddings and size
+    time ids equal diffusers' SDXL UNet (tiny SDXL config), and the added conditioning
+    really enters them."""
+    from tests.tiny import SDXL_TEXT_EMBEDS
+
+    model = torch_unet(FAMILIES["sdxl"], seed=2).float()
+    model.save_pretrained(tmp_path)
+    unet = load_unet(tmp_path)
+    r = np.random.RandomState(4)
+    lat = r.randn(2, 4, 16, 16).astype(np.float32)
+    noise = r.randn(2, 4, 16, 16).astype(np.float32)
+    ehs = r.randn(2, 7, FAMILIES["sdxl"]["cross_attention_dim"]).astype(np.float32)
+    t = np.asarray([40, 711], np.int32)
+    added = {"text_embeds": r.randn(2, SDXL_TEXT_EMBEDS).astype(np.float32),
+             "time_ids": np.asarray([[40, 48, 4, 0, 32, 32], [32, 64, 0, 16, 32, 32]],
+                                    np.float32)}
+    ref_loss, ref_grads = torch_step(model, lat, noise, ehs, t, "v_prediction", 5.0, added)
+    trainer = Trainer(unet, ddpm().alphas_cumprod.numpy(),
+                      TrainConfig(prediction_type="v_prediction", snr_gamma=5.0))
+
+    step = jax.jit(jax.value_and_grad(trainer.loss))
+
+    def ours(cond):
+        loss, grads = step(
+            unet.params, None, jnp.asarray(lat), jnp.asarray(ehs), jnp.asarray(noise),
+            jnp.asarray(t), None, {k: jnp.asarray(v) for k, v in cond.items()})
+        return float(loss), torch_state_dict(grads)
+
+    loss, grads = ours(added)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert grad_err(grads, ref_grads) <= 1e-4
+    other = dict(added, time_ids=added["time_ids"][::-1].copy())
+    assert grad_err(ours(other)[1], ref_grads) > 1e-3  # the time ids matter
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    from tests.pipeline_helpers import save_sdxl
+
+    folder = tmp_path_factory.mktemp("sdxl")
+    return folder, save_sdxl(folder)
+
+
+def test_sdxl_training_data_path(tiny_sdxl, tmp_path):
+    """`retom-jax train` on an SDXL pipeline (LoRA, ReToM): the cached conditioning equals
+    diffusers' SDXL `encode_prompt` (both encoders' penultimate states, pooled embeds), the
+    time ids are (original size, crop corner, target size) per image as diffusers'
+    SDXL training script makes them, and the written LoRA file loads."""
+    import json as _json
+
+    from PIL import Image
+
+    from retom_jax.cli import main
+    from retom_jax.pipeline import load_pipeline
+
+    folder, torch_pipe = tiny_sdxl
+    data = tmp_path / "data"
+    data.mkdir()
+    sizes = [(40, 40), (48, 32), (32, 56), (64, 48)]  # (height, width)
+    captions = ["a red cat", "a photo of the dog", "a blurry car", "the painting of a cat"]
+    rng = np.random.default_rng(0)
+    with open(data / "metadata.jsonl", "w") as f:
+        for i, ((h, w), c) in enumerate(zip(sizes, captions)):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(data / f"{i}.png")
+            f.write(_json.dumps({"file_name": f"{i}.png", "text": c}) + "\n")
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(folder), "--data", str(data), "--out", str(out),
+                 "--resolution", "32", "--lora-rank", "4", "--steps", "3", "--batch-size",
+                 "2", "--lr", "0.05", "--merge", "retom", "--caption-dropout", "0.3",
+                 "--no-progress"]) == 0
+    log = _json.loads((out / "train_log.json").read_text())
+    assert len(log["losses"]) == 3 and np.all(np.isfinite(log["losses"]))
+    (cache,) = (out / "cache").glob("*.npz")
+    with np.load(cache) as z:
+        enc = {k: z[k] for k in z.files}
+    with torch.no_grad():
+        ref_states, _, ref_pooled, _ = torch_pipe.encode_prompt(
+            captions, device="cpu", do_classifier_free_guidance=False)
+    assert rel_err(enc["states"][enc["index"]], ref_states.numpy()) <= 1e-5
+    assert rel_err(enc["pooled"][enc["index"]], ref_pooled.numpy()) <= 1e-5
+    # diffusers' script: resize the shorter side to 32, crop the centre, time ids =
+    # (height, width) + (crop top, crop left) + (32, 32)
+    expect = []
+    for h, w in sizes:
+        nh, nw = (int(32 * h / w), 32) if w <= h else (32, int(32 * w / h))
+        expect.append([h, w, max(0, int(round((nh - 32) / 2.0))),
+                       max(0, int(round((nw - 32) / 2.0))), 32, 32])
+    np.testing.assert_array_equal(enc["time_ids"], np.asarray(expect, np.float32))
+    pipe = load_pipeline(folder)
+    pipe.load_lora(out / "pytorch_lora_weights.safetensors")
 
 
 def test_lora_step_equals_peft(sd1):

@@ -118,3 +118,23 @@ def swap_in_retom(monkeypatch, model, cfg):
 
     monkeypatch.setattr(tomesd.merge, "bipartite_soft_matching_random2d", matching)
     return where
+
+
+def run_on_host_devices(module: str, out, devices: int = 8, timeout: int = 1800) -> list:
+    """Run ``python -m {module} OUT.json`` in a subprocess with ``devices`` host CPU
+    devices (``XLA_FLAGS=--xla_force_host_platform_device_count``) and return the JSON
+    report it writes; its stderr's tail is the failure message."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root),
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+               + f" --xla_force_host_platform_device_count={devices}")
+    proc = subprocess.run([sys.executable, "-m", module, str(out)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(Path(out).read_text())
+    assert rows[0]["devices"] == devices
+    return rows

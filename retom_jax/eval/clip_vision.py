@@ -247,7 +247,12 @@ class ImageEncoder(LoadedModel):
         if len(shape) != 4 or shape[1:] != (c, s, s):
             raise ValueError(f"pixel_values must be [batch, {c}, {s}, {s}] (NCHW, the "
                              f"model's image_size), got shape {list(shape)}")
-        return self._jitted(self.params, jnp.asarray(pixel_values, jnp.float32))
+        x = pixel_values
+        if self.mesh is not None:  # the batch split over data x fsdp (metrics.shard_models)
+            from ..sharding import shard_batch
+
+            x = shard_batch(np.asarray(x, np.float32), self.mesh)
+        return self._jitted(self.params, jnp.asarray(x, jnp.float32))
 
     def image_embeds(self, pixel_values) -> jax.Array:
         return self(pixel_values)[2]

@@ -216,6 +216,8 @@ _features_jit = jax.jit(inception_features, static_argnames="resize")
 class Inception:
     """Loaded FID Inception: ``inception(images)`` -> pool features (jitted)."""
 
+    mesh = None  # a jax.sharding.Mesh: batches split over data x fsdp (eval.metrics.shard_models)
+
     def __init__(self, params, source: str = ""):
         self.params, self.source = params, source
         self.features = int(sum(params[f"Mixed_7c.{n}"]["kernel"].shape[-1]
@@ -230,7 +232,12 @@ class Inception:
         if not resize and min(shape[1:3]) < 75:
             raise ValueError(f"InceptionV3 needs images of at least 75x75, got "
                              f"{shape[1]}x{shape[2]}")
-        return _features_jit(self.params, jnp.asarray(images, jnp.float32), resize=resize)
+        x = images
+        if self.mesh is not None:
+            from ..sharding import shard_batch
+
+            x = shard_batch(np.asarray(x, np.float32), self.mesh)
+        return _features_jit(self.params, jnp.asarray(x, jnp.float32), resize=resize)
 
     def __repr__(self):
         return f"Inception({self.source or 'weights'}, features={self.features})"

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["fid_stats", "frechet_distance", "fid", "mmd", "cmmd", "cmmd_embeddings",
-           "psnr", "ssim"]
+           "psnr", "ssim", "shard_models"]
 
 CMMD_SIGMA = 10.0
 CMMD_SCALE = 1000.0
@@ -102,6 +102,10 @@ def cmmd_embeddings(clip, images, batch_size: int = 16) -> np.ndarray:
         n = len(chunk)
         if n < batch_size:  # one compiled shape
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, 0)])
+        if v.mesh is not None:  # the batch split over the mesh (see shard_models)
+            from ..sharding import shard_batch
+
+            chunk = shard_batch(chunk, v.mesh)
         emb = _cmmd_embed(v.graphdef, v.params, jnp.asarray(chunk), v.config.image_size,
                           mean, std)
         out.append(np.asarray(emb)[:n])
@@ -123,6 +127,23 @@ def _float_images(images) -> np.ndarray:
     if a.dtype == np.uint8:
         return a.astype(np.float32) / 255.0
     return a.astype(np.float32)
+
+
+def shard_models(mesh, clip=None, inception=None) -> None:
+    """Put the metric models on ``mesh``: parameters placed by the sharding rules (large
+    kernels split over ``fsdp``, the rest replicated), and their image batches (CLIP
+    score, CMMD embeddings, Inception features) split over ``data`` and ``fsdp`` from then
+    on, so each batch must be a multiple of ``data x fsdp`` (the eval batch size)."""
+    from ..sharding import shard_params
+
+    if clip is not None:
+        clip.vision.params = shard_params(clip.vision.params, mesh)
+        clip.vision.mesh = mesh
+        if clip.text is not None:
+            clip.text.params = shard_params(clip.text.params, mesh)
+    if inception is not None:
+        inception.params = shard_params(inception.params, mesh)
+        inception.mesh = mesh
 
 
 # ----------------------------------------------------------------------------- PSNR / SSIM

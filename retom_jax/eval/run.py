@@ -55,7 +55,7 @@ def _ratios(text):
 
 def add_eval_parser(sub) -> argparse.ArgumentParser:
     """Register ``retom-jax eval`` on the CLI's subparsers."""
-    from ..cli import DTYPES, _non_negative_int, _positive_int, _window
+    from ..cli import DTYPES, _mesh, _non_negative_int, _positive_int, _window
 
     e = sub.add_parser(
         "eval", help="measure what merging costs in image quality",
@@ -101,6 +101,11 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
                         "unmerged images)")
     e.add_argument("--batch-size", type=_positive_int, default=16,
                    help="images per metric batch (16)")
+    e.add_argument("--mesh", type=_mesh, default=None, metavar="AXIS=N,...",
+                   help="run on a device mesh, e.g. data=4,fsdp=2: each image's sampling "
+                        "program and the CLIP / Inception batches split over data and fsdp "
+                        "(--batch-size a multiple of both), the models placed by the sharding "
+                        "rules; data takes the devices left")
     e.add_argument("--out", required=True, help="output folder")
     e.set_defaults(handler=run_eval, subparser=e)
     return e
@@ -409,6 +414,15 @@ def run_eval(args, parser) -> int:
         if args.reference:
             _reference_paths(args.reference)
         check_generation(args, prompts, Path(args.out))
+        mesh = None
+        if args.mesh is not None:
+            from ..sharding import batch_shards, make_mesh
+
+            mesh = make_mesh(**{"data": -1, **args.mesh})
+            if args.batch_size % batch_shards(mesh):
+                raise ValueError(f"--batch-size {args.batch_size} does not divide over the "
+                                 f"mesh's data x fsdp = {batch_shards(mesh)} devices: use a "
+                                 f"multiple of {batch_shards(mesh)}")
     except ValueError as e:
         parser.error(str(e))
     # The metric models load first, so that a missing file fails before hours of sampling.
@@ -426,10 +440,18 @@ def run_eval(args, parser) -> int:
 
             print(DEMO_NOTICE)
             pipe = build_demo_pipeline(jnp.dtype(args.dtype), scheduler=args.scheduler)
+            if mesh is not None:
+                pipe.shard(mesh)
         else:
             from ..pipeline import load_pipeline
 
-            pipe = load_pipeline(args.model, jnp.dtype(args.dtype), scheduler=args.scheduler)
+            pipe = load_pipeline(args.model, jnp.dtype(args.dtype), scheduler=args.scheduler,
+                                 mesh=mesh)
+        if mesh is not None:
+            from .metrics import shard_models
+
+            shard_models(mesh, clip, inception)
+            print(f"mesh {dict(mesh.shape)} over {mesh.size} devices")
     except (CheckpointError, InceptionError) as e:
         parser.error(str(e))
     except ValueError as e:
@@ -446,6 +468,7 @@ def run_eval(args, parser) -> int:
         "scheduler", "dtype", "window", "matching", "cache_step", "max_downsample",
         "todo_factor", "clip", "inception", "reference")}
     settings.update(num_prompts=len(prompts), methods=list(args.methods),
+                    mesh=None if mesh is None else dict(mesh.shape),
                     ratios=list(args.ratios),
                     reference=args.reference or "the unmerged ('none') images")
     _write_json(out / "results.json", {"settings": settings, "rows": rows})
