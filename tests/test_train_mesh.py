@@ -26,6 +26,9 @@ def test_sharded_steps_equal_unsharded(report):
         assert r["loss_rel"] <= 1e-5, r
         assert r["params_rel"] <= (1e-5 if r["train"] == "full" else 5e-5), r
         assert r["compiles"] == 1, r          # one program for all the steps
+        # the batch of 8 is split one example per device, over data (and fsdp)
+        assert r["batch_spec"] == (["data"] if r["mesh"] == "data=8" else [["data", "fsdp"]])
+        assert r["batch_devices"] == 8, r
         assert r["out_sharding_kept"], r      # the state comes back with the step's shardings
 
 

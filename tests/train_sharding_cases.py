@@ -120,6 +120,11 @@ def training(root, out):
                                                                                 ref_params),
                    "losses": losses, "ref_losses": ref_losses,
                    "compiles": trainer.compile_count, "seconds": seconds,
+                   # what the step's batch argument is split over (its in_shardings)
+                   "batch_spec": [list(a) if isinstance(a, tuple) else a
+                                  for a in trainer.batch_sharding.spec],
+                   "batch_devices": len({s.device for s in trainer.place_batch(
+                       batch_of(0))["latents"].addressable_shards if s.data.shape[0] == 1}),
                    "unsharded_seconds": ref_s,
                    "out_sharding_kept": all(
                        a.sharding == s for a, s in zip(jax.tree.leaves(state),
