@@ -11,6 +11,10 @@ scratch and ``xla_total_gb`` arguments + outputs + scratch, from
 
     python benchmarks/train_speed.py --preset cpu --out results/train_cpu.json    # CPU smoke
     python benchmarks/train_speed.py --preset gpu --out results/train_gpu.json    # SD1.5 512, SDXL 1024
+    python benchmarks/train_speed.py --mesh data=4,fsdp=2 --batch 8 ...           # on a device mesh
+
+With ``--mesh`` the step runs as ``retom-jax train --mesh`` runs it (batch over data x
+fsdp, parameters and optimizer state over fsdp); XLA's memory figures are then per device.
 
 Random weights at the real architectures (``--weights`` for a real UNet folder); latents
 and text states are random (data loading is not part of the step).
@@ -60,8 +64,18 @@ def parse_args(argv):
     p.add_argument("--weights", help="a diffusers UNet (or pipeline) folder instead of random weights")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; no new row is started after it")
+    p.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                   help="train on a device mesh, e.g. data=4,fsdp=2 (--batch a multiple of "
+                        "data x fsdp); data takes the devices left")
     p.add_argument("--out", help="JSON file (rewritten after each row)")
     args = p.parse_args(argv)
+    if args.mesh is not None:
+        from retom_jax.sharding import parse_mesh
+
+        try:
+            args.mesh = parse_mesh(args.mesh)
+        except ValueError as e:
+            p.error(f"--mesh: {e}")
     preset = PRESETS[args.preset]
     for k in ("models", "batch", "kinds", "methods", "dtype", "iters", "warmup"):
         if getattr(args, k) is None:
@@ -95,6 +109,10 @@ def measure(trainer, batch, args):
     state = trainer.init(jax.random.key(0))
     key = jax.random.key(1)
     compiled, info = common.compile_jitted(trainer, state, batch, key)  # trainer.lower(...)
+    if trainer.mesh is not None:  # the compiled step takes its arguments placed on the mesh
+        from retom_jax.train import _replicated
+
+        batch, key = trainer.place_batch(batch), _replicated(key, trainer.mesh)
     frozen = trainer.frozen()
     times, loss = [], None
     for i in range(args.warmup + args.iters):
@@ -122,6 +140,12 @@ def main(argv=None) -> int:
                                                            script=__file__))
     budget = common.Budget(args.time_budget)
     ac = from_config(SD15_SCHEDULER).alphas_cumprod()
+    mesh = None
+    if args.mesh is not None:
+        from retom_jax.sharding import make_mesh
+
+        mesh = make_mesh(**{"data": -1, **args.mesh})
+        print(f"mesh {dict(mesh.shape)} over {mesh.size} devices", flush=True)
     for model in args.models:
         config = MODELS[model]
         try:
@@ -146,13 +170,14 @@ def main(argv=None) -> int:
                     row = dict(model=model, size=size, batch=args.batch, kind=kind,
                                method=method, ratio=None if method in ("none", "todo")
                                else args.ratio, dtype=common.dtype_name(dtype),
-                               master_fp32=args.master_fp32 and kind == "full")
+                               master_fp32=args.master_fp32 and kind == "full",
+                               mesh=None if mesh is None else dict(mesh.shape))
                     merge = common.make_merge(method, args.ratio, first)
                     tc = TrainConfig(steps=1000, batch_size=args.batch,
                                      lora_rank=args.lora_rank if kind == "lora" else None,
                                      master_fp32=row["master_fp32"])
                     try:
-                        trainer = Trainer(unet, ac, tc, merge=merge)
+                        trainer = Trainer(unet, ac, tc, merge=merge, mesh=mesh)
                         row.update(measure(trainer, batch, args))
                     except Exception as e:  # noqa: BLE001 - one failed row, not the run
                         row["error"] = common.short_error(e)

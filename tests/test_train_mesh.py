@@ -93,3 +93,14 @@ def test_sharded_weights_save_as_unsharded(report):
     """save.py (the one writer: pipelines, train's UNet folder) gathers parameters split
     over fsdp: the file equals the unsharded model's."""
     assert next(r["save"] for r in report if "save" in r) == {"equal": True, "keys": True}
+
+
+def test_train_speed_on_mesh_smoke(report):
+    """benchmarks/train_speed.py --mesh data=4,fsdp=2: a row with step time and XLA's
+    per-device memory."""
+    data = next(r["train_speed"] for r in report if "train_speed" in r)
+    assert data["meta"]["complete"]
+    (row,) = data["rows"]
+    assert row.get("error") is None and row["finite"], row
+    assert row["mesh"] == {"data": 4, "fsdp": 2, "spatial": 1} and row["batch"] == 8
+    assert row["median_ms"] > 0 and row["compile_s"] > 0 and row["xla_total_gb"] > 0

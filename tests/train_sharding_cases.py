@@ -280,6 +280,17 @@ def eval_cases(folder, out):
     print(json.dumps(row), file=sys.stderr, flush=True)
 
 
+def bench_run(folder, out):
+    """benchmarks/train_speed.py --mesh as a smoke test: one LoRA row on data=4,fsdp=2."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import train_speed
+
+    train_speed.main(["--preset", "cpu", "--kinds", "lora", "--methods", "none", "--iters",
+                      "1", "--warmup", "0", "--batch", "8", "--mesh", "data=4,fsdp=2",
+                      "--out", str(folder / "train_speed.json")])
+    out.append({"train_speed": json.loads((folder / "train_speed.json").read_text())})
+
+
 def main(path):
     sharding.MIN_SHARD_SIZE = MIN_SIZE
     out = [{"devices": jax.device_count()}]
@@ -289,7 +300,8 @@ def main(path):
     seconds = {}
     for name, fn in (("errors", lambda: errors(root, out)), ("training", lambda: training(root, out)),
                      ("cli", lambda: cli_run(root, folder, out)),
-                     ("eval", lambda: eval_cases(folder, out))):
+                     ("eval", lambda: eval_cases(folder, out)),
+                     ("bench", lambda: bench_run(folder, out))):
         t0 = time.perf_counter()
         fn()
         seconds[name] = round(time.perf_counter() - t0, 1)
