@@ -18,7 +18,7 @@ from retom_jax.train import (TrainConfig, Trainer, TrainError, init_lora, save_c
                              torch_state_dict, train)
 from tests.pipeline_helpers import SD_SCHEDULER, latents_for, reference, save_sd
 from tests.tiny import FAMILIES, torch_unet
-from tests.util import rel_err
+from tests.util import check_bound, rel_err
 
 
 def ddpm():
@@ -210,8 +210,31 @@ def test_sdxl_training_data_path(tiny_sdxl, tmp_path):
         expect.append([h, w, max(0, int(round((nh - 32) / 2.0))),
                        max(0, int(round((nw - 32) / 2.0))), 32, 32])
     np.testing.assert_array_equal(enc["time_ids"], np.asarray(expect, np.float32))
+    # the LoRA file: diffusers' SDXL pipeline reads it as ours does (UNet outputs equal)
     pipe = load_pipeline(folder)
     pipe.load_lora(out / "pytorch_lora_weights.safetensors")
+    r = np.random.RandomState(2)
+    x = r.randn(1, 4, 8, 8).astype(np.float32)
+    ehs = r.randn(1, 5, FAMILIES["sdxl"]["cross_attention_dim"]).astype(np.float32)
+    added = {"text_embeds": r.randn(1, 16).astype(np.float32),
+             "time_ids": np.asarray([[32, 32, 0, 0, 32, 32]], np.float32)}
+    mine = np.asarray(pipe.unet(jnp.asarray(x), 500, jnp.asarray(ehs),
+                                {k: jnp.asarray(v) for k, v in added.items()}))
+
+    def torch_out():
+        with torch.no_grad():
+            return torch_pipe.unet(torch.from_numpy(x), 500, torch.from_numpy(ehs),
+                                   added_cond_kwargs={k: torch.from_numpy(v)
+                                                      for k, v in added.items()}).sample.numpy()
+
+    base = torch_out()
+    torch_pipe.load_lora_weights(str(out))
+    try:
+        ref = torch_out()
+    finally:
+        torch_pipe.unload_lora_weights()
+    check_bound(rel_err(mine, ref), 1e-5, "SDXL UNet with the written LoRA vs diffusers'")
+    assert rel_err(ref, base) > 1e-3  # the adapters really changed the UNet
 
 
 def test_lora_step_equals_peft(sd1):
