@@ -35,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from retom_jax.demo import DEMO_UNET  # noqa: E402
+from retom_jax.merge import BlockMerge, MergeMethod  # noqa: E402
 from retom_jax.unet import init_unet  # noqa: E402
 from retom_jax.weights import random_state  # noqa: E402
 
@@ -212,15 +213,15 @@ def unet_inputs(config: dict, batch: int, height: int, width: int, dtype, seed: 
 # --------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class FreeMerge:
+class FreeMerge(MergeMethod):
     """The zero-overhead limit of token merging, at the same attention sizes.
 
     ``merge`` keeps the first ``N - r`` tokens (a slice, no similarity, no plan),
     ``unmerge`` tiles them back to ``N`` tokens (one write of the full-size output, which
-    any unmerge must do). ``r = int(N * ratio)`` as in ToMe. Duck-typed like ``ToMe`` for
-    ``retom_jax.unet.MergeContext``: its time in the UNet is what a merging method would
-    cost if planning, merging and unmerging were free (``ideal_ms``). Its outputs are
-    meaningless.
+    any unmerge must do). ``r = int(N * ratio)`` as in ToMe. A merging method like the
+    library's (``retom_jax.merge.MergeMethod``, one class): its time in the UNet is what a
+    merging method would cost if planning, merging and unmerging were free
+    (``ideal_ms``). Its outputs are meaningless.
     """
 
     ratio: float = 0.5
@@ -228,17 +229,10 @@ class FreeMerge:
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
-    use_rand: bool = False  # never needs a key
 
     def __post_init__(self):
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"FreeMerge ratio must be in [0, 1), got {self.ratio!r}")
-
-    def applies(self, downsample: int) -> bool:
-        return downsample <= self.max_downsample
-
-    def check_grid(self, hw, downsample: int = 1) -> None:
-        pass
 
     def plan(self, metric, hw, key=None, *, downsample: int = 1):
         n = metric.shape[1]
@@ -256,25 +250,25 @@ class FreeMerge:
 
         return merge, unmerge
 
+    def for_block(self, tokens, grid, downsample, key=None, cache=None, use_cache=False):
+        return BlockMerge.branches(self, *self.plan(tokens, grid)), None
+
 
 @dataclasses.dataclass(frozen=True)
-class FreeToDo:
+class FreeToDo(MergeMethod):
     """The zero-overhead limit of ToDo: keys/values are the first ``N / factor**2`` tokens
-    (a slice), queries keep every token. Duck-typed like ``ToDo`` (it has ``downsample``)."""
+    (a slice), queries keep every token."""
 
     factor: int = 2
     max_downsample: int = 1
-
-    def applies(self, downsample: int) -> bool:
-        return downsample <= self.max_downsample
-
-    def check_grid(self, hw, downsample: int = 1) -> None:
-        pass
 
     def downsample(self, x, hw):
         h, w = hw
         m = (h // self.factor) * (w // self.factor)
         return x[:, :m]
+
+    def for_block(self, tokens, grid, downsample, key=None, cache=None, use_cache=False):
+        return BlockMerge(kv_down=lambda t: self.downsample(t, grid)), None
 
 
 # --------------------------------------------------------------------------------------

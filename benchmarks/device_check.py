@@ -59,7 +59,7 @@ def representatives(state):
     if not state:
         return None
     blocks = state["blocks"]
-    first = blocks[min(blocks, key=int)] if blocks else None
+    first = next(iter(blocks.values()), None)  # keyed by block path, in call order
     return None if first is None else first.get("representatives")
 
 
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                         with jax.default_matmul_precision(precision or "default"):
                             out = unet(sample, t, ehs, added, merge=merge, merge_state=state,
                                        key=key if merge is not None else None)
-                        pred, new_state = out if state is not None else (out, None)
+                        pred, new_state = out
                         outs.append((np.asarray(pred, np.float32), representatives(new_state)))
                         # progress: on a new device the first (compile + autotune) may be slow
                         print(f"  {model} {size}px {method} {jnp.dtype(dtype).name}: compiled "

@@ -49,7 +49,7 @@ import numpy as np
 from . import features, sharding, weights
 from .clip import load_text_encoder, load_tokenizer, tokenize
 from .memory import check_fits
-from .merge import _is_int, loop_segments
+from .merge import MergeMethod, _is_int, loop_segments
 from .schedulers import from_config as scheduler_from_config
 from .unet import load_unet
 from .vae import load_vae
@@ -474,14 +474,15 @@ class _Pipeline:
     def _check_merge(self, merge, latent_hw):
         if merge is None:
             return
-        if getattr(merge, "schedule", ()):  # every window of the schedule must fit
-            for step in [0] + [s for s, _ in merge.schedule]:
-                try:
-                    self.unet.check_merge(merge.at_step(step), latent_hw, key=jax.random.key(0))
-                except ValueError as e:
-                    raise ValueError(f"{e} (the schedule's windows from step {step})") from None
-            return
-        self.unet.check_merge(merge, latent_hw, key=jax.random.key(0))
+        # every window of a ReToM schedule must fit (anything else fails the UNet's check)
+        stages = merge.stages() if isinstance(merge, MergeMethod) else [(0, merge)]
+        for step, config in stages:
+            try:
+                self.unet.check_merge(config, latent_hw, key=jax.random.key(0))
+            except ValueError as e:
+                if len(stages) == 1:
+                    raise
+                raise ValueError(f"{e} (the schedule's windows from step {step})") from None
 
     # -- the traced functions
 
@@ -493,7 +494,7 @@ class _Pipeline:
     def _init_merge_state(self, static: SampleConfig, merge, cond, step=None):
         """ReToM's empty cache for ``merge`` (a config without schedule), or None; ``step``
         (the counter of the state it replaces) carries over when windows change."""
-        if getattr(merge, "cache_step", None) is None:
+        if merge is None or not merge.carries_cache:
             return None
         rows = cond["encoder_hidden_states"].shape[0]
         shape = (rows, self.unet.config.in_channels) + tuple(static.latent_hw)
@@ -525,11 +526,8 @@ class _Pipeline:
         t = state.timesteps[i]
         kw = dict(merge=merge, key=k_merge if merge is not None else None)
         ehs = cond["encoder_hidden_states"]
-        if merge_state is not None:
-            pred, merge_state = self.unet.apply(params["unet"], x_in, t, ehs, self._added(cond),
-                                                merge_state=merge_state, reuse=reuse, **kw)
-        else:
-            pred = self.unet.apply(params["unet"], x_in, t, ehs, self._added(cond), **kw)
+        pred, merge_state = self.unet.apply(params["unet"], x_in, t, ehs, self._added(cond),
+                                            merge_state=merge_state, reuse=reuse, **kw)
         pred = pred.astype(_F32)
         if static.guidance:
             uncond, text = jnp.split(pred, 2, axis=0)
@@ -962,32 +960,14 @@ def _row_labels(prompts, negatives, guidance, zero_negative):
 
 def _merge_at(merge, step):
     """``merge`` as it runs at ``step``: a ReToM window schedule resolved, others as is."""
-    return merge.at_step(step) if hasattr(merge, "at_step") else merge
+    return None if merge is None else merge.at_step(step)
 
 
 def _check_merge_steps(merge, calls: int, steps: int):
-    """ReToM step options that would never take effect in a loop of ``calls`` UNet calls
-    (``steps`` asked for; PLMS makes one call more) are errors, not silently ignored."""
-    if not hasattr(merge, "cache_step"):
-        return
-    last = calls - 1
-    loop = (f"{steps} steps run UNet calls 0-{last}" if calls == steps else
-            f"{steps} steps run {calls} UNet calls, 0-{last}")
-    if merge.cache_step is not None and merge.cache_step >= last:
-        raise ValueError(
-            f"ReToM cache_step={merge.cache_step} is never used: {loop}, and the cached "
-            f"representatives are reused only by calls after cache_step (use a cache_step "
-            f"below {last}, or none)")
-    late = [s for s, _ in merge.schedule if s > last]
-    if late:
-        raise ValueError(f"ReToM's window schedule changes at step {late[0]}, which never "
-                         f"comes: {loop}")
-    previous = merge.window
-    for step, window in merge.schedule:
-        if window == previous:
-            raise ValueError(f"ReToM's window schedule changes nothing at step {step}: the "
-                             f"window in force there is already {window}")
-        previous = window
+    """Step options of ``merge`` that would never take effect in a loop of ``calls`` UNet
+    calls (``steps`` asked for; PLMS makes one call more) are errors, not silently ignored."""
+    if merge is not None:
+        merge.check_steps(calls, steps)
 
 
 def _check_tokenizer(tokenizer, encoder, name):

@@ -167,7 +167,7 @@ def diffusion_loss(unet, params, latents, encoder_hidden_states, noise, timestep
     noise32 = noise.astype(_F32)
     noisy = _alpha_add_noise(ac, lat32, noise32, timesteps).astype(unet.dtype)
     pred = unet.apply(params, noisy, timesteps, encoder_hidden_states, added_cond_kwargs,
-                      merge=merge, key=key).astype(_F32)
+                      merge=merge, key=key).sample.astype(_F32)
     a = _gather(ac, timesteps, latents.ndim)
     if prediction_type == "epsilon":
         target = noise32

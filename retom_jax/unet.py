@@ -12,8 +12,7 @@ the state ReToM carries from one denoising step to the next.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ from flax import nnx
 
 from . import sharding, weights
 from .attention import check_implementation
+from .merge import BlockMerge, MergeMethod, level_grid, level_of
 from .layers import (Attention, Downsample2D, FeedForward, ResnetBlock2D, TimestepEmbedding,
                      Upsample2D, conv, group_norm, layer_norm, linear, timestep_embedding)
 
@@ -206,76 +206,50 @@ class UNetConfig:
 
 # --------------------------------------------------------------------------- merging seam
 
-@dataclasses.dataclass
-class BlockMerge:
-    """What one transformer block does to its branches (identity by default)."""
-    m_a: Any = None
-    u_a: Any = None
-    m_c: Any = None
-    u_c: Any = None
-    m_m: Any = None
-    u_m: Any = None
-    kv_down: Any = None  # ToDo: pools the normed tokens used as keys/values of attn1
-
-
-def _same(x):
-    return x
-
-
 class MergeContext:
-    """Trace-time helper: hands each transformer block its merge plan.
+    """Trace-time helper of one UNet call: hands each transformer block the ``BlockMerge``
+    its merging method gives it (``MergeMethod.for_block``) and collects the caches the
+    method carries to the next call, keyed by the block's path in the model.
+    ``state``: ``{"step", "blocks": {path: cache}}`` from the previous call, or None.
+    ``reuse`` (static): whether the cache is reused; None lets the step counter decide."""
 
-    Lives only while one UNet call is being traced. Blocks are numbered in call order,
-    which is fixed by the architecture, so the ReToM cache of block ``i`` always comes back
-    to block ``i``.
-    """
-
-    def __init__(self, config, latent_hw, key=None, state=None, reuse=None):
-        self.config, self.latent_hw, self.key = config, latent_hw, key
-        self.state = state
+    def __init__(self, method, latent_hw, paths, key=None, state=None, reuse=None):
+        self.method, self.latent_hw, self.paths = method, latent_hw, paths
+        self.key, self.state = key, state
         self.new_blocks = {}
         self.count = 0
-        self.use_cache = None
-        if state is not None and getattr(config, "cache_step", None) is not None:
+        self.use_cache = False
+        if state is not None:
             # A static ``reuse`` lets XLA drop the selection work it makes unnecessary;
             # otherwise the step counter in the state decides at run time.
-            self.use_cache = config.use_cache(state["step"]) if reuse is None else reuse
+            self.use_cache = method.use_cache(state["step"]) if reuse is None else reuse
 
-    def downsample_of(self, num_tokens: int) -> int:
-        h, w = self.latent_hw
-        return int(math.ceil(math.sqrt(h * w // num_tokens)))
-
-    def block(self, x, hw) -> BlockMerge:
+    def block(self, module, x, hw) -> BlockMerge:
         index, self.count = self.count, self.count + 1
-        cfg = self.config
-        downsample = self.downsample_of(x.shape[1])
-        if cfg is None or not cfg.applies(downsample):
+        downsample = level_of(self.latent_hw, x.shape[1])
+        if not self.method.applies(downsample):
             return BlockMerge()
-        if hasattr(cfg, "downsample"):  # ToDo: no plan, keys/values pooled
-            return BlockMerge(kv_down=lambda t: cfg.downsample(t, hw))
-        if hasattr(cfg, "plan_cached"):  # ReToM
-            if self.use_cache is not None:
-                cache = self.state["blocks"][str(index)]
-                m, u, new = cfg.plan_cached(x, hw, cache, self.use_cache, downsample=downsample)
-            elif self.state is None and getattr(cfg, "cache_step", None) is not None:
-                # No state given: plan afresh, and report the cache a first step would leave.
-                cache = cfg.init_cache(x.shape[0], hw, downsample=downsample)
-                m, u, new = cfg.plan_cached(x, hw, cache, jnp.array(False), downsample=downsample)
-            else:
-                m, u = cfg.plan(x, hw, downsample=downsample)
-                new = None
-            if new is not None:
-                self.new_blocks[str(index)] = new
-        else:  # ToMe
-            key = None if self.key is None else jax.random.fold_in(self.key, index)
-            m, u = cfg.plan(x, hw, key=key)
-        on = (cfg.merge_attn, cfg.merge_crossattn, cfg.merge_mlp)
-        pick = [(m, u) if flag else (None, None) for flag in on]
-        return BlockMerge(*pick[0], *pick[1], *pick[2])
+        path = self.paths[id(module)]
+        key = None if self.key is None else jax.random.fold_in(self.key, index)
+        cache = None
+        if self.state is not None and self.method.carries_cache:
+            cache = self.state["blocks"][path]
+        merge, new = self.method.for_block(x, hw, downsample, key, cache, self.use_cache)
+        if new is not None:
+            self.new_blocks[path] = new
+        return merge
 
     def new_state(self):
         step = self.state["step"] if self.state is not None else jnp.zeros((), jnp.int32)
         return {"step": step + 1, "blocks": self.new_blocks}
+
+
+class UNetOutput(NamedTuple):
+    """What a UNet call returns: ``sample``, the prediction (NCHW), and ``merge_state``,
+    the state to pass to the next call when the merging method carries one
+    (``ReToM(cache_step=...)``), else None."""
+    sample: jax.Array
+    merge_state: Any = None
 
 
 # --------------------------------------------------------------------------- blocks
@@ -291,10 +265,8 @@ class BasicTransformerBlock(nnx.Module):
         self.ff = FeedForward(dim, **kw)
 
     def __call__(self, x, context, hw, ctx: MergeContext | None, attention=None):
-        bm = ctx.block(x, hw) if ctx is not None else BlockMerge()
-        m_a, u_a = bm.m_a or _same, bm.u_a or _same
-        m_c, u_c = bm.m_c or _same, bm.u_c or _same
-        m_m, u_m = bm.m_m or _same, bm.u_m or _same
+        bm = ctx.block(self, x, hw) if ctx is not None else BlockMerge()
+        (m_a, u_a), (m_c, u_c), (m_m, u_m) = bm.attn, bm.crossattn, bm.mlp
 
         h = m_a(self.norm1(x))
         kv = bm.kv_down(h) if bm.kv_down is not None else None
@@ -452,7 +424,7 @@ class UNet2DConditionModel(nnx.Module):
         """``constrain``: applied to the NHWC activations between blocks (a mesh's
         ``with_sharding_constraint``, see ``sharding.activation_constraint``)."""
         cfg = self.config
-        constrain = constrain or _same
+        constrain = constrain or (lambda x: x)
         b = sample.shape[0]
         t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (b,))
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
@@ -532,72 +504,69 @@ class UNet:
                 raise ValueError(f"added_cond_kwargs['time_ids'] must be [{b}, n], got {tuple(ti.shape)}")
         if merge is not None:
             self.check_merge(merge, (h, w), key=key, merge_state=merge_state)
-            _check_cache_state(merge, merge_state)
+            merge.check_state(merge_state)
 
     def check_merge(self, merge, latent_hw, key=None, merge_state=None):
         """Raise ValueError if ``merge`` cannot run on this UNet at this latent size."""
-        if not all(hasattr(merge, a) for a in ("applies", "check_grid")):
-            raise ValueError(f"merge must be ToMe, ReToM or ToDo (or None), got {merge!r}")
-        if getattr(merge, "schedule", ()):
-            raise ValueError(
-                "ReToM(schedule=...) changes windows over the denoising steps and a UNet call "
-                "is one step: pass merge.at_step(step) (the pipeline splits its loop itself)")
-        levels = [d for d in self.config.attention_downsamples() if merge.applies(d)]
-        name = type(merge).__name__
-        if not levels and name != "ToMe":  # tomesd itself silently merges nothing there
-            raise ValueError(
-                f"{name}(max_downsample={merge.max_downsample}) merges nowhere in this UNet: its "
-                f"attention runs at downsample factors {self.config.attention_downsamples()} "
-                f"(SDXL starts at 2): raise max_downsample")
-        for d in levels:
-            grid = tuple(-(-s // d) for s in latent_hw)
-            merge.check_grid(grid, downsample=d)
-        if name == "ToMe" and merge.use_rand and key is None and levels:
-            raise ValueError("ToMe(use_rand=True) draws random destinations: pass key=jax.random.key(...)"
-                             " (or use_rand=False)")
-        if merge_state is not None and getattr(merge, "cache_step", None) is None:
-            raise ValueError("merge_state is only used by ReToM(cache_step=...)")
+        if not isinstance(merge, MergeMethod):
+            raise ValueError(f"merge must be ToMe, ReToM or ToDo (or None; any "
+                             f"retom_jax.merge.MergeMethod), got {merge!r}")
+        merge.check({d: level_grid(latent_hw, d) for d in self.config.attention_downsamples()},
+                    key)
+        if merge_state is not None:
+            merge.check_state(merge_state)
 
     def init_merge_state(self, sample_shape, encoder_hidden_states_shape, merge,
                          added_cond_kwargs=None):
         """Zero state for a sampling loop with ``ReToM(cache_step=...)``: pass it as
         ``merge_state`` to the first call and the returned state to each next call."""
-        if getattr(merge, "cache_step", None) is None:
+        if merge is None or not merge.carries_cache:
             raise ValueError("init_merge_state needs ReToM(cache_step=...): nothing else carries state")
         spec = lambda s: jax.ShapeDtypeStruct(s, self.dtype)  # noqa: E731
         added = None if added_cond_kwargs is None else jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), added_cond_kwargs)
-        _, state = jax.eval_shape(
-            lambda p, s, e, a: self.apply(p, s, jnp.zeros(()), e, a, merge=merge, _want_state=True),
+        out = jax.eval_shape(  # without a state, each block reports the cache it would leave
+            lambda p, s, e, a: self._forward(p, s, jnp.zeros(()), e, a, merge=merge),
             self.params, spec(sample_shape), spec(encoder_hidden_states_shape), added)
-        return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), state)
+        return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out.merge_state)
 
     # -- pure function
     def apply(self, params, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None,
-              *, merge=None, merge_state=None, key=None, attention=None, reuse=None,
-              _want_state=False):
-        """The pure UNet call (see the class docstring).
+              *, merge=None, merge_state=None, key=None, attention=None,
+              reuse=None) -> UNetOutput:
+        """The pure UNet call (see the class docstring): ``UNetOutput(sample, merge_state)``.
 
-        With ``merge_state`` (``ReToM(cache_step=...)``), returns ``(prediction, new_state)``.
-        ``reuse`` (static): None decides from the state's step counter whether the cached
-        selection is reused; True/False fixes it at trace time, so that a loop split at
-        ``cache_step`` compiles the steps after it without the fresh selection work.
+        ``merge_state``: for ``ReToM(cache_step=...)``, the state from ``init_merge_state``
+        or the previous call (the output carries the next one). ``reuse`` (static): None
+        decides from the state's step counter whether the cached selection is reused;
+        True/False fixes it at trace time, so that a loop split at ``cache_step`` compiles
+        the steps after it without the fresh selection work.
         """
-        if not _want_state:
-            _check_cache_state(merge, merge_state)
+        if merge is not None:
+            merge.check_state(merge_state)
+        return self._forward(params, sample, timesteps, encoder_hidden_states,
+                             added_cond_kwargs, merge=merge, merge_state=merge_state, key=key,
+                             attention=attention, reuse=reuse)
+
+    def _forward(self, params, sample, timesteps, encoder_hidden_states, added_cond_kwargs,
+                 *, merge=None, merge_state=None, key=None, attention=None, reuse=None):
+        """``apply`` without the state check: without ``merge_state`` a method that carries
+        a cache plans afresh and returns the state a first step leaves."""
         model = nnx.merge(self.graphdef, params)
         x = jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype)
         ctx = None
         if merge is not None:
-            ctx = MergeContext(merge, x.shape[1:3], key=key, state=merge_state, reuse=reuse)
+            paths = {id(m): ".".join(map(str, p)) for p, m in nnx.iter_modules(model)
+                     if isinstance(m, BasicTransformerBlock)}
+            ctx = MergeContext(merge, x.shape[1:3], paths, key=key, state=merge_state,
+                               reuse=reuse)
         added = added_cond_kwargs or {}
         out = model(x, timesteps, encoder_hidden_states.astype(self.dtype),
                     added.get("text_embeds"), added.get("time_ids"), ctx,
                     attention or self.attention, sharding.activation_constraint(self.mesh))
         out = jnp.transpose(out, (0, 3, 1, 2))
-        if merge_state is not None or _want_state:
-            return out, ctx.new_state()
-        return out
+        carried = merge is not None and merge.carries_cache
+        return UNetOutput(out, ctx.new_state() if carried else None)
 
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None, *,
                  merge=None, merge_state=None, key=None, attention=None, reuse=None):
@@ -608,17 +577,6 @@ class UNet:
         return self._jitted(self.params, sample, timesteps, encoder_hidden_states,
                             added_cond_kwargs, merge=merge, merge_state=merge_state, key=key,
                             attention=attention, reuse=reuse)
-
-
-def _check_cache_state(merge, merge_state):
-    """``ReToM(cache_step=k)`` without ``merge_state`` would select afresh at every call
-    and silently drop the caching it asks for: an error instead."""
-    step = getattr(merge, "cache_step", None)
-    if step is not None and merge_state is None:
-        raise ValueError(
-            f"ReToM(cache_step={step}) reuses representatives across calls through "
-            f"merge_state: pass merge_state=unet.init_merge_state(...) and feed each "
-            f"returned state to the next call (or drop cache_step)")
 
 
 def load_unet(path_or_repo_id, dtype=jnp.float32, param_dtype=None, *, subfolder="unet",

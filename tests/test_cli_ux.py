@@ -403,7 +403,7 @@ def test_save_demo_pipeline(demo, tmp_path):
             torch.from_numpy(x), 500, torch.from_numpy(ehs)).sample.numpy()
         ref_text = CLIPTextModel.from_pretrained(folder / "text_encoder")(
             torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
-    ours = np.asarray(demo.unet(x, 500, ehs))
+    ours = np.asarray(demo.unet(x, 500, ehs).sample)
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-5
     ours_text = np.asarray(demo.text_encoder(ids).last_hidden_state)
     assert np.linalg.norm(ours_text - ref_text) / np.linalg.norm(ref_text) < 1e-5

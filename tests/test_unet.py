@@ -59,7 +59,7 @@ def test_parity_fp32(checkpoints, name, batch, h, w):
     model, folder = checkpoints[name]
     unet = load_unet(folder)
     x, t, ehs, added = inputs(name, batch, h, w)
-    out = unet(x, t, ehs, added)
+    out = unet(x, t, ehs, added).sample
     assert out.shape == (batch, 4, h, w) and out.dtype == jnp.float32
     assert_close(out, torch_out(model, x, t, ehs, added), TOL)
 
@@ -69,13 +69,13 @@ def test_latent_not_divisible_by_upsampling(checkpoints, name):
     """Odd latent sizes make diffusers forward explicit upsample sizes."""
     model, folder = checkpoints[name]
     x, t, ehs, added = inputs(name, 2, 13, 10)
-    assert_close(load_unet(folder)(x, t, ehs, added), torch_out(model, x, t, ehs, added), TOL)
+    assert_close(load_unet(folder)(x, t, ehs, added).sample, torch_out(model, x, t, ehs, added), TOL)
 
 
 def test_scalar_timestep_broadcasts(checkpoints):
     model, folder = checkpoints["sd1"]
     x, _, ehs, _ = inputs("sd1", 2, 8, 8)
-    assert_close(load_unet(folder)(x, 321, ehs), torch_out(model, x, np.array(321), ehs, None),
+    assert_close(load_unet(folder)(x, 321, ehs).sample, torch_out(model, x, np.array(321), ehs, None),
                  TOL)
 
 
@@ -111,7 +111,7 @@ def test_transformer_block_small_activations(checkpoints):
         lambda path, v: v * 1e-3 if "'proj_in'" in jax.tree_util.keystr(path) else v,
         unet.params)
     x, t, ehs, _ = inputs("sd1", 1, 8, 8)
-    out = unet._jitted(params, x, t, ehs, None)
+    out = unet._jitted(params, x, t, ehs, None).sample
     ref = torch_out(small, x, t, ehs, None)
     assert_close(out, ref, TOL)
     assert rel_err(ref, torch_out(model, x, t, ehs, None)) > 1e-3  # the scaling mattered
@@ -123,7 +123,7 @@ def test_half_precision_stays_close(checkpoints, dtype, tol):
     unet = load_unet(folder, dtype=dtype)
     assert all(p.dtype == jnp.dtype(dtype) for p in jax.tree_util.tree_leaves(unet.params))
     x, t, ehs, _ = inputs("sd2", 2, 8, 8)
-    out = unet(x, t, ehs)
+    out = unet(x, t, ehs).sample
     assert out.dtype == jnp.dtype(dtype)
     assert_close(out, torch_out(model, x, t, ehs, None), tol, dtype)
 
@@ -133,14 +133,14 @@ def test_bf16_activations_fp32_params(checkpoints):
     unet = load_unet(folder, dtype="bf16", param_dtype="fp32")
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(unet.params))
     x, t, ehs, _ = inputs("sd1", 1, 8, 8)
-    assert unet(x, t, ehs).dtype == jnp.bfloat16
+    assert unet(x, t, ehs).sample.dtype == jnp.bfloat16
 
 
 def test_one_compilation_serves_all_timesteps(checkpoints):
     _, folder = checkpoints["sd1"]
     unet = load_unet(folder)
     x, _, ehs, _ = inputs("sd1", 2, 8, 8)
-    outs = [unet(x, np.array([t, t]), ehs) for t in (999, 500, 1)]
+    outs = [unet(x, np.array([t, t]), ehs).sample for t in (999, 500, 1)]
     assert unet._jitted._cache_size() == 1
     assert rel_err(outs[0], outs[2]) > 1e-3  # the timestep really changes the output
 
@@ -149,7 +149,7 @@ def test_apply_is_pure_under_user_jit(checkpoints):
     model, folder = checkpoints["sdxl"]
     unet = load_unet(folder)
     x, t, ehs, added = inputs("sdxl", 2, 8, 8)
-    out = jax.jit(unet.apply)(unet.params, x, t, ehs, added)
+    out = jax.jit(unet.apply)(unet.params, x, t, ehs, added).sample
     assert_close(out, torch_out(model, x, t, ehs, added), TOL)
 
 
@@ -161,15 +161,15 @@ def test_pipeline_folder_variant_and_shards(checkpoints, tmp_path):
     ref = torch_out(model, x, t, ehs, None)
     # a pipeline folder: the unet/ subfolder is used
     shutil.copytree(folder, tmp_path / "pipe" / "unet")
-    assert_close(load_unet(tmp_path / "pipe")(x, t, ehs), ref, TOL)
+    assert_close(load_unet(tmp_path / "pipe")(x, t, ehs).sample, ref, TOL)
     # an fp16 variant alone
     model.save_pretrained(tmp_path / "fp16", variant="fp16")
-    assert_close(load_unet(tmp_path / "fp16", variant="fp16")(x, t, ehs), ref, TOL)
-    assert_close(load_unet(tmp_path / "fp16")(x, t, ehs), ref, TOL)
+    assert_close(load_unet(tmp_path / "fp16", variant="fp16")(x, t, ehs).sample, ref, TOL)
+    assert_close(load_unet(tmp_path / "fp16")(x, t, ehs).sample, ref, TOL)
     # sharded weights behind an index
     model.save_pretrained(tmp_path / "shards", max_shard_size="100KB")
     assert (tmp_path / "shards" / "diffusion_pytorch_model.safetensors.index.json").exists()
-    assert_close(load_unet(tmp_path / "shards")(x, t, ehs), ref, TOL)
+    assert_close(load_unet(tmp_path / "shards")(x, t, ehs).sample, ref, TOL)
 
 
 def test_bf16_checkpoint(checkpoints, tmp_path):
@@ -180,7 +180,7 @@ def test_bf16_checkpoint(checkpoints, tmp_path):
     reference = torch_unet(FAMILIES["sd1"]).float()
     reference.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
     x, t, ehs, _ = inputs("sd1", 1, 8, 8)
-    out = load_unet(tmp_path / "bf16")(x, t, ehs)
+    out = load_unet(tmp_path / "bf16")(x, t, ehs).sample
     assert_close(out, torch_out(reference.eval(), x, t, ehs, None), TOL)
     assert rel_err(out, torch_out(model, x, t, ehs, None)) > 1e-4  # bf16 rounding is visible
 

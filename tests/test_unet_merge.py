@@ -6,6 +6,7 @@
   against a NumPy reference in test_merge.py.)
 - ToDo equals diffusers' UNet whose self-attention keys/values are pooled by torch.
 """
+import dataclasses
 import math
 
 import jax
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from retom_jax import ReToM, ToDo, ToMe, load_unet
+from retom_jax.merge import BlockMerge, MergeMethod, plan_functions, tome_plan
 from tests.test_unet import inputs, torch_out
 from tests.tiny import FAMILIES, torch_unet
 from tests.test_merge import closure_vars
@@ -57,7 +59,7 @@ def test_tome_equals_tomesd(models, name, ratio, max_downsample, branches):
     ref = tomesd_out(model, args, ratio=ratio, max_downsample=max_downsample, use_rand=False,
                      **flags)
     out = unet(*args, merge=ToMe(ratio=ratio, max_downsample=max_downsample, use_rand=False,
-                                 **flags))
+                                 **flags)).sample
     assert_close(out, ref, TOL)
     assert rel_err(ref, torch_out(model, *args)) > 1e-2  # merging really changed the output
 
@@ -65,17 +67,17 @@ def test_tome_equals_tomesd(models, name, ratio, max_downsample, branches):
 def test_tome_default_merges_nothing_on_sdxl(models):
     model, unet = models["sdxl"]
     args = inputs("sdxl", 2, 8, 8)
-    out = unet(*args, merge=ToMe(use_rand=False))
+    out = unet(*args, merge=ToMe(use_rand=False)).sample
     assert_close(out, torch_out(model, *args), TOL)
 
 
 def test_tome_random_destinations_use_the_key(models):
     _, unet = models["sd1"]
     args = inputs("sd1", 2, 8, 8)
-    a = unet(*args, merge=ToMe(), key=jax.random.key(0))
+    a = unet(*args, merge=ToMe(), key=jax.random.key(0)).sample
     compiled = unet._jitted._cache_size()
-    b = unet(*args, merge=ToMe(), key=jax.random.key(0))
-    c = unet(*args, merge=ToMe(), key=jax.random.key(1))
+    b = unet(*args, merge=ToMe(), key=jax.random.key(0)).sample
+    c = unet(*args, merge=ToMe(), key=jax.random.key(1)).sample
     assert unet._jitted._cache_size() == compiled  # a new key is data, not a new program
     np.testing.assert_array_equal(a, b)
     assert rel_err(a, c) > 1e-4
@@ -98,9 +100,10 @@ def test_tome_random_equals_tomesd(models, monkeypatch, name, ratio, max_downsam
     finally:
         tomesd.remove_patch(model)
     assert drawn and len({b for _, b in drawn}) == len(drawn)  # one draw per merging block
-    out = unet(*args, merge=ToMe(ratio=ratio, max_downsample=max_downsample), key=key)
+    out = unet(*args, merge=ToMe(ratio=ratio, max_downsample=max_downsample), key=key).sample
     assert rel_err(out, ref) <= 1e-5
-    fixed = unet(*args, merge=ToMe(ratio=ratio, max_downsample=max_downsample, use_rand=False))
+    fixed = unet(*args, merge=ToMe(ratio=ratio, max_downsample=max_downsample,
+                      use_rand=False)).sample
     assert rel_err(fixed, ref) > 1e-3  # the draws matter
 
 
@@ -110,10 +113,12 @@ def test_tome_blocks_draw_distinct_destinations():
     from retom_jax.unet import MergeContext
 
     x = jnp.asarray(np.random.RandomState(0).randn(2, 64, 8), jnp.float32)
-    ctx = MergeContext(ToMe(ratio=0.5), (8, 8), key=jax.random.key(0))
+    blocks = [object() for _ in range(5)]
+    paths = {id(b): str(i) for i, b in enumerate(blocks)}
+    ctx = MergeContext(ToMe(ratio=0.5), (8, 8), paths, key=jax.random.key(0))
     dsts = []
-    for _ in range(5):
-        plan = closure_vars(ctx.block(x, (8, 8)).m_a)["plan"]
+    for block in blocks:
+        plan = closure_vars(ctx.block(block, x, (8, 8)).attn[0])["plan"]
         dsts.append(tuple(np.sort(np.asarray(plan.out_pos[0, -16:]))))
     assert len(set(dsts)) == 5, dsts
 
@@ -130,7 +135,7 @@ def test_retom_sits_where_tomesd_merges(models, monkeypatch, name, cfg):
     ref = tomesd_out(model, args, ratio=cfg.ratio, max_downsample=cfg.max_downsample,
                      use_rand=False, merge_attn=cfg.merge_attn,
                      merge_crossattn=cfg.merge_crossattn, merge_mlp=cfg.merge_mlp)
-    out = unet(*args, merge=cfg)
+    out = unet(*args, merge=cfg).sample
     assert_close(out, ref, TOL)
     assert rel_err(ref, torch_out(model, *args)) > 1e-2
 
@@ -140,7 +145,7 @@ def test_ratio_zero_is_the_plain_unet(models):
     args = inputs("sd2", 2, 8, 8)
     ref = torch_out(model, *args)
     for cfg in (ReToM(ratio=0.0, max_downsample=2), ToMe(ratio=0.0, use_rand=False)):
-        assert_close(unet(*args, merge=cfg), ref, TOL)
+        assert_close(unet(*args, merge=cfg).sample, ref, TOL)
 
 
 def torch_todo_out(model, args, factor, method, max_downsample):
@@ -176,7 +181,8 @@ def test_todo_equals_pooled_torch_attention(models, name, factor, method, max_do
     model, unet = models[name]
     args = inputs(name, 2, 12, 10)
     ref = torch_todo_out(model, args, factor, method, max_downsample)
-    out = unet(*args, merge=ToDo(factor=factor, method=method, max_downsample=max_downsample))
+    out = unet(*args, merge=ToDo(factor=factor, method=method,
+                                 max_downsample=max_downsample)).sample
     assert_close(out, ref, TOL)
     assert rel_err(ref, torch_out(model, *args)) > 1e-3
 
@@ -189,6 +195,8 @@ def test_retom_cache_is_reused_and_one_program_serves_all_steps(models):
     compiled = unet._jitted._cache_size()
     # down: one block at each of downsample 1 and 2; up: two at each
     assert int(state["step"]) == 0 and len(state["blocks"]) == 6
+    # keyed by the block's path in the model, not by call order
+    assert "down_blocks.0.attentions.0.transformer_blocks.0" in state["blocks"]
     states, outs = [], []
     rng = np.random.RandomState(5)
     samples = [x + rng.randn(*x.shape).astype(np.float32) * s for s in (0, 1, 2, 3)]
@@ -204,11 +212,48 @@ def test_retom_cache_is_reused_and_one_program_serves_all_steps(models):
     np.testing.assert_array_equal(reps[1], reps[3])
     assert unet._jitted._cache_size() == compiled + 1  # one program for all four steps
     # step 3 with the cache differs from planning afresh on the same input
-    fresh = unet(samples[3], np.array([300, 300]), ehs, merge=ReToM(ratio=0.5, max_downsample=2))
+    fresh = unet(samples[3], np.array([300, 300]), ehs,
+                 merge=ReToM(ratio=0.5, max_downsample=2)).sample
     assert rel_err(outs[3], fresh) > 1e-6
     # while step 1 (the caching step itself) is the fresh plan
-    fresh1 = unet(samples[1], np.array([700, 700]), ehs, merge=ReToM(ratio=0.5, max_downsample=2))
+    fresh1 = unet(samples[1], np.array([700, 700]), ehs,
+                  merge=ReToM(ratio=0.5, max_downsample=2)).sample
     assert rel_err(outs[1], fresh1) <= 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class TopLeftToMe(MergeMethod):
+    """A fourth method as one class: ToMe's matching with fixed top-left destinations,
+    written from merge.py's pure functions."""
+    ratio: float = 0.5
+    max_downsample: int = 1
+    merge_attn: bool = True
+    merge_crossattn: bool = False
+    merge_mlp: bool = True
+    seen: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+    def for_block(self, tokens, grid, downsample, key=None, cache=None, use_cache=False):
+        self.seen.append((tuple(grid), downsample, key is None, cache))
+        dst = (grid[0] // 2) * (grid[1] // 2)
+        r = min(int(tokens.shape[1] * self.ratio), tokens.shape[1] - dst)
+        plan = tome_plan(tokens, grid, (2, 2), r)
+        return BlockMerge.branches(self, *plan_functions(plan)), None
+
+
+def test_a_fourth_method_is_one_class(models):
+    """A ``MergeMethod`` subclass runs through the UNet unchanged: called once per
+    transformer block at the levels it applies to, with the block's grid, and its
+    BlockMerge used on the branches it selects (here equal to ToMe without randomness)."""
+    _, unet = models["sd1"]
+    args = inputs("sd1", 2, 13, 10)
+    method = TopLeftToMe()
+    ours = unet(*args, merge=method)
+    ref = unet(*args, merge=ToMe(use_rand=False, merge_mlp=True)).sample
+    np.testing.assert_array_equal(ours.sample, ref)
+    assert ours.merge_state is None  # it carries nothing between calls
+    # sd1 (tiny): one block per down/up attention of the top level, 13x10 latent
+    assert method.seen and all(s == ((13, 10), 1, True, None) for s in method.seen)
+    assert rel_err(ref, unet(*args).sample) > 1e-3  # it did merge
 
 
 def test_merge_config_errors_before_compiling(models):
@@ -262,7 +307,7 @@ def test_merged_unet_gradient_equals_torch(tmp_path):
     finally:
         tomesd.remove_patch(model)
     assert rel_err(torch_out(model, x, t, ehs, None), merged_out.sample.numpy()) > 1e-2
-    loss = lambda s: jnp.sum(w * unet.apply(unet.params, s, t, ehs, merge=cfg))  # noqa: E731
+    loss = lambda s: jnp.sum(w * unet.apply(unet.params, s, t, ehs, merge=cfg).sample)  # noqa: E731
     grad = jax.jit(jax.grad(loss))(jnp.asarray(x))
     assert rel_err(grad, ref) <= 1e-5, rel_err(grad, ref)
 
