@@ -6,12 +6,11 @@ no weights are made. ``cost_analysis()`` gives the FLOPs and the bytes accessed;
 ratios are to the ``free`` probe (`common.FreeMerge`: slicing instead of merging, the
 zero-overhead limit at the same attention sizes)::
 
-    python benchmarks/merge_cost.py --out merge_cost.json
+    python benchmarks/merge_cost.py --out results/merge_cost_cpu.json   # ~1 min on 2 cores
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -45,35 +44,41 @@ def cost(unet, merge, batch, size, method):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=sorted(common.MODELS), default="sd15")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--methods", nargs="+", default=METHODS)
-    p.add_argument("--out")
-    args = p.parse_args(argv)
-    from retom_jax import weights
-    from retom_jax.unet import UNet, UNet2DConditionModel, UNetConfig
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=list(common.METHODS))
+    p.add_argument("--out", help="JSON file to write")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
     from flax import nnx
 
-    config = UNetConfig.from_dict(dict(common.SD15))
+    from retom_jax import weights
+    from retom_jax.unet import UNet, UNet2DConditionModel
+
+    config = common.unet_config(common.MODELS[args.model])
     module = weights.abstract_module(lambda rngs: UNet2DConditionModel(
         config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs))
-    graphdef, params = nnx.split(module)
+    graphdef, params = nnx.split(module)  # shapes only: nothing is initialised
     unet = UNet(config, graphdef, params, jnp.float32)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    writer = common.ResultWriter(args.out, common.run_meta("merge_cost", argv, settings,
+                                                           script=__file__))
+    first = common.first_attention_level(config)
     rows = {}
-    for method in args.methods:
-        merge = common.make_merge(method, args.ratio) if method != "none" else None
-        rows[method] = cost(unet, merge, args.batch, args.size, method)
-        print(method, rows[method], flush=True)
-    free = rows.get("free")
-    if free:
-        for method, row in rows.items():
-            row["flops_vs_free"] = row["flops"] / free["flops"]
-            row["bytes_vs_free"] = row["bytes"] / free["bytes"]
-            print(f"{method:8s} flops x{row['flops_vs_free']:.4f}  bytes x{row['bytes_vs_free']:.4f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
+    for method in ["free"] + [m for m in args.methods if m != "free"]:  # the probe first
+        merge = common.make_merge(method, args.ratio, first)
+        rows[method] = row = dict(method=method, model=args.model, size=args.size,
+                                  batch=args.batch, ratio=args.ratio,
+                                  **cost(unet, merge, args.batch, args.size, method))
+        row["flops_vs_free"] = row["flops"] / rows["free"]["flops"]
+        row["bytes_vs_free"] = row["bytes"] / rows["free"]["bytes"]
+        writer.add(row)
+        print(f"{method:20s} flops x{row['flops_vs_free']:.4f}  bytes "
+              f"x{row['bytes_vs_free']:.4f}  (compiled in {row['compile_s']:.1f} s)", flush=True)
+    writer.finish()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

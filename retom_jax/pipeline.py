@@ -22,8 +22,9 @@ How a call runs:
    that selects a compiled program: prompts, seeds, latents and the guidance scale are
    arguments, so changing them never recompiles. Compiled programs are kept per pipeline,
    keyed by that configuration.
-4. ``progress=True`` (or a ``callback``) runs the same step function, jitted on its own,
-   from a Python loop with a progress bar; it gives the same images.
+4. ``progress=True`` (or a ``callback``) runs the same loop pieces (``_segments``) from a
+   Python loop with a progress bar: one compiled step program per piece, the same step
+   function as the fused loop's body; it gives the same images.
 
 Classifier-free guidance follows diffusers: the UNet sees the batch ``[uncond, cond]`` and
 ``guidance_scale <= 1`` switches guidance off. SDXL conditions on the penultimate hidden
@@ -40,7 +41,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +94,51 @@ class EncodeConfig:
     num_images_per_prompt: int
     zero_negative: bool = False
     clip_skip: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What selects the compiled program of one piece of the denoising loop (see
+    ``merge.loop_segments``), the same in the fused loop and the progress path: the
+    scheduler, guidance on/off, image-to-image's start index, the merge config of the piece
+    and its static ``reuse``. Batch, size, step count and decoding are not in it (argument
+    shapes and the decoder's own program cover them)."""
+    scheduler: Any
+    guidance: bool
+    start: int | None
+    merge: Any
+    reuse: bool | None
+
+    @classmethod
+    def of(cls, static: SampleConfig, merge, reuse) -> "StepConfig":
+        merge = None if merge is None else merge.for_program(reuse)
+        return cls(static.scheduler, static.guidance, static.start, merge, reuse)
+
+
+class Carry(NamedTuple):
+    """What the denoising loop carries from step to step."""
+    latents: jax.Array  # float32 NCHW
+    scheduler_state: Any
+    merge_state: Any = None  # the UNet's merge state (ReToM(cache_step=k)), or None
+
+
+@dataclasses.dataclass
+class SampleRequest:
+    """The arguments of a call or ``compile``, as given: ``_prepare`` checks them."""
+    prompt: Any
+    negative_prompt: Any = None
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    num_images_per_prompt: int = 1
+    seed: int | None = None
+    key: Any = None
+    latents: Any = None
+    output_type: str = "pil"
+    merge: Any = None
+    callback: Callable | None = None
+    options: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -491,34 +537,48 @@ class _Pipeline:
             return None
         return {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
 
-    def _init_merge_state(self, static: SampleConfig, merge, cond, step=None):
+    def _init_merge_state(self, merge, cond, latent_hw, step=None):
         """ReToM's empty cache for ``merge`` (a config without schedule), or None; ``step``
         (the counter of the state it replaces) carries over when windows change."""
         if merge is None or not merge.carries_cache:
             return None
         rows = cond["encoder_hidden_states"].shape[0]
-        shape = (rows, self.unet.config.in_channels) + tuple(static.latent_hw)
+        shape = (rows, self.unet.config.in_channels) + tuple(latent_hw)
         state = self.unet.init_merge_state(shape, cond["encoder_hidden_states"].shape,
                                            merge, self._added(cond))
         return state if step is None else dict(state, step=step)
 
-    def _fit_cache(self, static: SampleConfig, merge, previous, cond, carry):
+    def _fit_cache(self, merge, previous, cond, carry: Carry) -> Carry:
         """``carry`` with ReToM's cache made afresh for ``merge`` where its windows differ
         from ``previous``'s (a window schedule's change); the step counter carries over."""
-        if merge == previous or carry[2] is None:
+        if merge == previous or carry.merge_state is None:
             return carry
-        return carry[:2] + (self._init_merge_state(static, merge, cond, carry[2]["step"]),)
+        hw = carry.latents.shape[2:]
+        return carry._replace(merge_state=self._init_merge_state(
+            merge, cond, hw, carry.merge_state["step"]))
 
-    def _body(self, static: SampleConfig, params, cond, i, carry, key, g,
-              merge=None, reuse=None):
+    def _segments(self, static: SampleConfig, cond, carry: Carry, run) -> Carry:
+        """The denoising loop, piece by piece (``merge.loop_segments``: a piece per window
+        of a ReToM schedule, and the steps after ``cache_step`` apart, with ``reuse``
+        fixed): before each piece ReToM's cache is refitted where the windows change, then
+        ``run(step_config, lo, hi, carry)`` runs steps ``lo <= i < hi``. Both drivers use
+        it: the fused program runs a piece as a ``fori_loop``, the progress path from
+        Python, one compiled step program per piece."""
+        n = carry.scheduler_state.timesteps.shape[0] - (static.start or 0)
+        previous = _merge_at(static.merge, 0)
+        for lo, hi, merge, reuse in loop_segments(static.merge, n):
+            carry, previous = self._fit_cache(merge, previous, cond, carry), merge
+            carry = run(StepConfig.of(static, merge, reuse), lo, hi, carry)
+        return carry
+
+    def _body(self, static: StepConfig, params, cond, i, carry: Carry, key, g) -> Carry:
         """One denoising step: UNet on ``[uncond, cond]``, guidance, scheduler update.
         ``i`` counts the steps of this call (img2img starts at schedule index
         ``static.start``). ``g``: the guidance scale and rescale and DDIM's eta.
-        ``merge``: the config of this step (``static.merge`` resolved at the step, see
-        ``merge.loop_segments``). ``reuse``: see ``UNet.apply`` (None: ReToM's step counter
-        decides at run time)."""
+        ``static.merge``: the config of this step's loop piece, ``static.reuse`` its static
+        choice to reuse ReToM's cache (see ``UNet.apply``)."""
         x, state, merge_state = carry
-        sched = static.scheduler
+        sched, merge = static.scheduler, static.merge
         i = i + (static.start or 0)  # the index into the scheduler's timesteps
         k_sched, k_merge = features.step_keys(key, i)
         x_in = jnp.concatenate([x, x], axis=0) if static.guidance else x
@@ -527,7 +587,8 @@ class _Pipeline:
         kw = dict(merge=merge, key=k_merge if merge is not None else None)
         ehs = cond["encoder_hidden_states"]
         pred, merge_state = self.unet.apply(params["unet"], x_in, t, ehs, self._added(cond),
-                                            merge_state=merge_state, reuse=reuse, **kw)
+                                            merge_state=merge_state, reuse=static.reuse,
+                                            **kw)
         pred = pred.astype(_F32)
         if static.guidance:
             uncond, text = jnp.split(pred, 2, axis=0)
@@ -535,7 +596,7 @@ class _Pipeline:
             pred = features.rescale_noise_cfg(pred, text, g["guidance_rescale"])
         step_kw = {"eta": g["eta"]} if self._scheduler_has_eta() else {}
         x, state = sched.step(state, pred, i, x, key=k_sched, **step_kw)
-        return x.astype(_F32), state, merge_state
+        return Carry(x.astype(_F32), state, merge_state)
 
     def _decode(self, params, x):
         c = self.vae.config
@@ -548,8 +609,10 @@ class _Pipeline:
         img = self.vae.apply_decode(params["vae"], z.astype(self.vae.dtype)).astype(_F32)
         return jnp.transpose(jnp.clip(img / 2 + 0.5, 0.0, 1.0), (0, 2, 3, 1))
 
-    def _finish(self, static: SampleConfig, params, x):
-        return self._decode(params, x) if static.decode else x
+    def _finish(self, decode: bool, params, x):
+        """The images (``decode``: VAE decoder, NHWC in [0, 1]) or the latents as they are;
+        its program depends on nothing else of the call's configuration."""
+        return self._decode(params, x) if decode else x
 
     @staticmethod
     def _noise(shape, key):
@@ -576,36 +639,41 @@ class _Pipeline:
         noise = jax.random.normal(k_noise, z.shape, _F32)
         return sched.add_noise(state, z, noise, state.timesteps[start]).astype(_F32), k_loop
 
-    def _start(self, static: SampleConfig, cond, latents, state):
-        """Initial carry ``(latents, scheduler state, merge state)``: the latents scaled by
-        the scheduler's init_noise_sigma (image-to-image's noised latents as they are),
-        and ReToM's empty cache when it carries one."""
+    def _start(self, static: StepConfig, cond, latents, state) -> Carry:
+        """The initial carry: the latents scaled by the scheduler's init_noise_sigma
+        (image-to-image's noised latents as they are), and ReToM's empty cache when it
+        carries one. ``static``: the first loop piece's."""
         x = latents.astype(_F32)
         if static.start is None:
             x = x * static.scheduler.init_noise_sigma(state)
-        return x, state, self._init_merge_state(static, _merge_at(static.merge, 0), cond)
+        return Carry(x, state, self._init_merge_state(static.merge, cond, x.shape[2:]))
 
-    def _sample(self, static: SampleConfig, params, cond, latents, state, key, guidance_scale):
-        """The whole sampling loop and the decoder, as one traced function."""
+    def _sample(self, static: SampleConfig, params, cond, latents, state, key, g):
+        """The whole sampling loop and the decoder, as one traced function: each loop piece
+        (``_segments``) a ``fori_loop``. Fixing ``reuse`` per piece lets XLA drop ReToM's
+        fresh selection from the steps that reuse the cache."""
         self.trace_count += 1
-        carry = self._start(static, cond, latents, state)
-        n = state.timesteps.shape[0] - (static.start or 0)
-        # One fori_loop per static piece (merge.loop_segments): a ReToM window schedule
-        # changes shapes, and with ReToM(cache_step=k) the steps after k reuse the cache.
-        # Fixing reuse at trace time lets XLA drop the fresh selection from those steps
-        # (a run-time choice would compute it at every step and discard it).
-        previous = _merge_at(static.merge, 0)
-        for lo, hi, merge, reuse in loop_segments(static.merge, n):
-            carry, previous = self._fit_cache(static, merge, previous, cond, carry), merge
-            carry = jax.lax.fori_loop(lo, hi, lambda i, c, m=merge, r=reuse: self._body(
-                static, params, cond, i, c, key, guidance_scale, m, r), carry)
-        return self._finish(static, params, carry[0])
+        carry = self._start(self._first_step(static), cond, latents, state)
 
-    def _step_fn(self, static: SampleConfig, params, cond, i, carry, key, guidance_scale):
-        """One step of the interactive path; ``static.merge`` is already resolved at the
-        step (no schedule)."""
+        def run(step: StepConfig, lo, hi, carry):
+            return jax.lax.fori_loop(
+                lo, hi, lambda i, c: self._body(step, params, cond, i, c, key, g), carry)
+
+        carry = self._segments(static, cond, carry, run)
+        return self._finish(static.decode, params, carry.latents)
+
+    def _step_fn(self, static, leaves, cond, i, carry, key, g) -> Carry:
+        """One step of the progress path. ``static``: ``(StepConfig, treedef)``; the UNet
+        parameters come flattened (``leaves``), so that a step's call does not walk the
+        parameter tree on the host."""
         self.trace_count += 1
-        return self._body(static, params, cond, i, carry, key, guidance_scale, static.merge)
+        step, treedef = static
+        return self._body(step, jax.tree.unflatten(treedef, leaves), cond, i, carry, key, g)
+
+    @staticmethod
+    def _first_step(static: SampleConfig) -> StepConfig:
+        _, _, merge, reuse = loop_segments(static.merge, 1)[0]
+        return StepConfig.of(static, merge, reuse)
 
     # -- the call
 
@@ -640,9 +708,9 @@ class _Pipeline:
         """
         t_start = time.perf_counter()
         self._compile_clock = 0.0
-        static, args = self._prepare(prompt, negative_prompt, num_inference_steps,
-                                     guidance_scale, height, width, num_images_per_prompt,
-                                     seed, key, latents, output_type, merge, callback, options)
+        static, args = self._prepare(SampleRequest(
+            prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
+            num_images_per_prompt, seed, key, latents, output_type, merge, callback, options))
         if progress or callback is not None:
             out = self._interactive(static, *args, progress, callback)
         else:
@@ -666,23 +734,27 @@ class _Pipeline:
         ``progress=True`` compiles what ``progress=True`` calls run (one program per step
         kind, the decoder) instead of the fused loop."""
         self._compile_clock = 0.0
-        static, args = self._prepare(prompt, negative_prompt, num_inference_steps,
-                                     guidance_scale, height, width, num_images_per_prompt,
-                                     None, None, None, output_type, merge, None, options)
+        static, args = self._prepare(SampleRequest(
+            prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
+            num_images_per_prompt, output_type=output_type, merge=merge, options=options))
         if progress:
             params, cond, latents, state, key, g = args
-            carry = self._run("start", static, cond, latents, state)
+            carry = self._run("start", self._first_step(static), cond, latents, state)
             self._step_programs(static, params, cond, carry, key, g)
         else:
             self._executable("sample", static, *args)
         return self._compile_clock
 
-    def _prepare(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height,
-                 width, num_images_per_prompt, seed, key, latents, output_type, merge,
-                 callback, options=None):
+    def _prepare(self, request: SampleRequest):
         """Check every argument (nothing compiles before this passes), encode the prompts
         and draw the noise: ``(static config, (params, cond, latents, state, key, g))``;
         ``g`` holds the traced knobs (guidance scale and rescale, DDIM's eta)."""
+        r = request
+        prompt, negative_prompt, height, width = r.prompt, r.negative_prompt, r.height, r.width
+        num_inference_steps, guidance_scale = r.num_inference_steps, r.guidance_scale
+        num_images_per_prompt, seed, key, latents = (r.num_images_per_prompt, r.seed, r.key,
+                                                     r.latents)
+        output_type, merge, callback, options = r.output_type, r.merge, r.callback, r.options
         prompts, negatives, guidance = self._check_prompts(prompt, negative_prompt,
                                                            guidance_scale)
         n = self._check_count(num_images_per_prompt)
@@ -752,41 +824,50 @@ class _Pipeline:
         return static, (params, cond, latents, state, key, g)
 
     def _step_programs(self, static, params, cond, carry, key, g):
-        """The compiled step program of each step (one per window layout) and the decoder,
-        all compiled before the loop starts (so a progress bar times sampling only)."""
-        programs, previous = [], _merge_at(static.merge, 0)
-        for i in range(int(carry[1].timesteps.shape[0]) - (static.start or 0)):
-            merge = _merge_at(static.merge, i)
-            carry, previous = self._fit_cache(static, merge, previous, cond, carry), merge
-            programs.append(self._executable("step", dataclasses.replace(static, merge=merge),
-                                             params, cond, jnp.zeros((), jnp.int32), carry,
-                                             key, g))
-        self._executable("finish", static, params, carry[0])
-        return programs
+        """``(programs, leaves)``: the compiled step program of each loop piece (by its
+        first step) and the UNet parameters they take, flattened once; the decoder too is
+        compiled here, so that everything compiles before the loop starts (a progress bar
+        then times sampling only)."""
+        leaves, treedef = jax.tree.flatten({"unet": params["unet"]})
+        programs = {}
+
+        def compile_piece(step: StepConfig, lo, hi, carry):
+            before = self.compile_count
+            programs[lo] = self._executable("step", (step, treedef), leaves, cond,
+                                            jnp.zeros((), jnp.int32), carry, key, g)
+            if self.compile_count > before:  # refused before it runs out of memory
+                self._check_fits(static, programs[lo])
+            return carry  # a step keeps the carry's shapes
+
+        carry = self._segments(static, cond, carry, compile_piece)
+        self._executable("finish", static.decode, {"vae": params["vae"]}, carry.latents)
+        return programs, leaves
 
     def _interactive(self, static, params, cond, latents, state, key, g, progress, callback):
-        carry = self._run("start", static, cond, latents, state)
-        programs = self._step_programs(static, params, cond, carry, key, g)
+        carry = self._run("start", self._first_step(static), cond, latents, state)
+        programs, leaves = self._step_programs(static, params, cond, carry, key, g)
         # The bar counts the steps that run (as asked; img2img skips the first ones);
         # PLMS's extra first UNet call is part of the first step's tick.
         steps = static.num_inference_steps - (static.start or 0)
-        extra = len(programs) - steps
+        extra = carry.scheduler_state.timesteps.shape[0] - (static.start or 0) - steps
         bar = _Bar(steps, "denoising") if progress else None
-        previous = _merge_at(static.merge, 0)
-        try:
-            for i, step in enumerate(programs):
-                merge = _merge_at(static.merge, i)
-                carry, previous = self._fit_cache(static, merge, previous, cond, carry), merge
-                carry = step(params, cond, jnp.asarray(i, jnp.int32), carry, key, g)
+
+        def run(step: StepConfig, lo, hi, carry):
+            for i in range(lo, hi):
+                carry = programs[lo](leaves, cond, jnp.asarray(i, jnp.int32), carry, key, g)
                 if bar is not None and i >= extra:
-                    jax.block_until_ready(carry[0])
+                    jax.block_until_ready(carry.latents)
                     bar.update()
                 if callback is not None:
-                    callback(i, carry[0], carry[2])
+                    callback(i, carry.latents, carry.merge_state)
+            return carry
+
+        try:
+            carry = self._segments(static, cond, carry, run)
         finally:
             if bar is not None:
                 bar.close()
-        return self._run("finish", static, params, carry[0])
+        return self._run("finish", static.decode, {"vae": params["vae"]}, carry.latents)
 
 
 class StableDiffusionPipeline(_Pipeline):

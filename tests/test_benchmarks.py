@@ -17,6 +17,7 @@ sys.path.insert(0, str(BENCH))
 import attention_memory  # noqa: E402
 import common  # noqa: E402
 import device_check  # noqa: E402
+import merge_cost  # noqa: E402
 import merge_overhead  # noqa: E402
 import pipeline_speed  # noqa: E402
 import plot  # noqa: E402
@@ -45,6 +46,18 @@ def test_free_merge_probe_shapes():
         np.testing.assert_array_equal(m, x[:, :kept])
         assert unmerge(m).shape == x.shape
     assert common.FreeToDo(factor=2).downsample(x, (4, 4)).shape == (2, 4, 3)
+
+
+def test_merge_cost_tiny(tmp_path):
+    """merge_cost.py compiles one tiny UNet call per method (never run) and rates its XLA
+    cost against the FreeMerge probe."""
+    out = tmp_path / "cost.json"
+    assert merge_cost.main(["--model", "sd15-tiny", "--size", "64", "--methods", "retom",
+                            "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in read(out)["rows"]}
+    assert list(rows) == ["free", "retom"]
+    assert rows["free"]["flops_vs_free"] == 1.0
+    assert rows["retom"]["flops"] > 0 and rows["retom"]["bytes_vs_free"] > 0
 
 
 def test_device_check_tiny(tmp_path):

@@ -369,7 +369,7 @@ def test_full_finetune_folder_loads_in_diffusers(tiny_sd, four_images, tmp_path)
         ref = ref_model(torch.from_numpy(lat), int(t[0]), torch.from_numpy(ehs)).sample.numpy()
         base = torch_pipe.unet(torch.from_numpy(lat), int(t[0]),
                                torch.from_numpy(ehs)).sample.numpy()
-    mine = np.asarray(ours(jnp.asarray(lat), t[0], jnp.asarray(ehs)))
+    mine = np.asarray(ours(jnp.asarray(lat), t[0], jnp.asarray(ehs)).sample)
     assert rel_err(mine, ref) <= 1e-5
     assert rel_err(ref, base) > 1e-4
 
