@@ -219,7 +219,7 @@ def test_sdxl_training_data_path(tiny_sdxl, tmp_path):
     added = {"text_embeds": r.randn(1, 16).astype(np.float32),
              "time_ids": np.asarray([[32, 32, 0, 0, 32, 32]], np.float32)}
     mine = np.asarray(pipe.unet(jnp.asarray(x), 500, jnp.asarray(ehs),
-                                {k: jnp.asarray(v) for k, v in added.items()}))
+                                {k: jnp.asarray(v) for k, v in added.items()}).sample)
 
     def torch_out():
         with torch.no_grad():
