@@ -399,7 +399,7 @@ def _output_paths(out: str, n: int) -> list[Path]:
 def _edge_note(pipe, merge, height, width) -> str | None:
     """One line when ReToM's windows leave the last rows/columns of a token grid unmerged
     (it merges whole windows only), else None."""
-    if not hasattr(merge, "window_at"):
+    if merge is None or not merge.merges_whole_windows_only:
         return None
     f = pipe.vae_scale_factor
     default = pipe.default_size or (0, 0)
@@ -409,15 +409,15 @@ def _edge_note(pipe, merge, height, width) -> str | None:
         if not merge.applies(d):
             continue
         h, w = -(-lh // d), -(-lw // d)
-        for step in [0] + [s for s, _ in merge.schedule]:
-            wh, ww = merge.at_step(step).window_for(d)
+        for step, (wh, ww) in merge.windows(d):
             if wh <= h and ww <= w and (h % wh or w % ww):
                 at = f" from step {step}" if step else ""
                 notes.append(f"the {h}x{w} token grid (downsample {d}) leaves {h % wh} row(s) "
                              f"and {w % ww} column(s) outside the {wh}x{ww} windows{at}")
     if not notes:
         return None
-    return ("note: ReToM merges whole windows only, so edge tokens stay unmerged: "
+    return (f"note: {type(merge).__name__} merges whole windows only, so edge tokens stay "
+            "unmerged: "
             + "; ".join(dict.fromkeys(notes)))
 
 

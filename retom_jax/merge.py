@@ -390,6 +390,20 @@ class MergeMethod:
         """Raise ValueError for step options that never take effect in a loop of ``calls``
         UNet calls (``steps`` asked for)."""
 
+    def windows(self, downsample: int) -> list:
+        """``[(step, (rows, cols))]``: the cells this method merges within at a level
+        (``applies`` holds), each from the denoising step it starts at. A spatial shard
+        boundary must not cut one (`sharding.check_split`). None for methods whose units
+        have no fixed shape: ``[]``."""
+        return []
+
+    #: whether tokens outside whole windows stay unmerged (the CLI says so, once)
+    merges_whole_windows_only = False
+
+    def check_padding(self, batch: int, padded: int, guidance: bool) -> None:
+        """Raise ValueError when padding a batch of ``batch`` prompts to ``padded`` (a
+        mesh's batch shards) would change what this method computes for the real ones."""
+
     def for_program(self, reuse) -> "MergeMethod":
         """This config as a compiled loop piece with static ``reuse`` sees it: options
         that only choose the steps (fixed by ``reuse``) set to one value, so that configs
@@ -428,6 +442,18 @@ class ToMe(MergeMethod):
     merge_mlp: bool = False
 
     may_merge_nowhere = True
+
+    def windows(self, downsample: int) -> list:
+        return [(0, (self.sy, self.sx))]
+
+    def check_padding(self, batch: int, padded: int, guidance: bool) -> None:
+        # tomesd switches the random destinations off for an odd UNet batch; without
+        # guidance, padding an odd batch to an even one would switch them on
+        if self.use_rand and not guidance and batch % 2 and padded % 2 == 0:
+            raise ValueError(
+                f"ToMe(use_rand=True) on an odd batch of {batch} without guidance runs "
+                f"without randomness (as tomesd), but the mesh pads it to {padded}: use an "
+                f"even batch, guidance, or ToMe(use_rand=False)")
 
     def __post_init__(self):
         _check_positive_int(self.sx, "sx")
@@ -533,6 +559,12 @@ class ReToM(MergeMethod):
     @property
     def per_level(self) -> bool:
         return isinstance(self.window[0], tuple)
+
+    merges_whole_windows_only = True
+
+    def windows(self, downsample: int) -> list:
+        return [(step, self.at_step(step).window_for(downsample))
+                for step in [0] + [start for start, _ in self.schedule]]
 
     def window_at(self, step: int):
         """The window (a pair or per-level pairs) in force at denoising step ``step``."""
@@ -714,6 +746,9 @@ class ToDo(MergeMethod):
         _check_positive_int(self.max_downsample, "max_downsample")
         if self.method not in TODO_METHODS:
             raise ValueError(f"unknown ToDo method {self.method!r}; choose one of {TODO_METHODS}")
+
+    def windows(self, downsample: int) -> list:
+        return [(0, (self.factor, self.factor))]
 
     def check_grid(self, hw, downsample: int = 1) -> None:
         h, w = _check_hw(hw)

@@ -319,33 +319,14 @@ def activation_constraint(mesh: Mesh | None):
 
 # ----------------------------------------------------------------------------- spatial
 
-def _cell_rows(merge, downsample: int) -> list[int]:
-    """Row extents of the merge units (ReToM windows, ToMe cells, ToDo cells) at a level."""
-    if merge is None or not merge.applies(downsample):
-        return []
-    name = type(merge).__name__
-    if name == "ReToM":
-        steps = [0] + [s for s, _ in merge.schedule]
-        return [merge.at_step(s).window_for(downsample)[0] for s in steps]
-    if name == "ToMe":
-        return [merge.sy]
-    if name == "ToDo":
-        return [merge.factor]
-    return []
-
-
 def check_split(mesh: Mesh, unet_config, latent_hw, merge=None, batch=None,
                 guidance=True) -> None:
     """A clear error when ``spatial`` does not divide the latent rows at every UNet level,
     when a merge window / cell would straddle a shard boundary, or when padding the batch
     would change what it computes (tomesd switches ToMe's randomness off for an odd UNet
     batch: without guidance, padding an odd batch to an even one would switch it on)."""
-    if (batch is not None and not guidance and type(merge).__name__ == "ToMe"
-            and merge.use_rand and batch % 2 and padded_batch(batch, mesh) % 2 == 0):
-        raise ValueError(
-            f"ToMe(use_rand=True) on an odd batch of {batch} without guidance runs without "
-            f"randomness (as tomesd), but the mesh pads it to {padded_batch(batch, mesh)}: "
-            f"use an even batch, guidance, or ToMe(use_rand=False)")
+    if batch is not None and merge is not None:
+        merge.check_padding(batch, padded_batch(batch, mesh), guidance)
     s = int(mesh.shape.get("spatial", 1))
     if s == 1:
         return
@@ -359,7 +340,8 @@ def check_split(mesh: Mesh, unet_config, latent_hw, merge=None, batch=None,
             f"multiple of {need} (image height a multiple of {need} x the VAE factor)")
     for d in unet_config.attention_downsamples():
         rows = h // d // s
-        for cell in _cell_rows(merge, d):
+        units = merge.windows(d) if merge is not None and merge.applies(d) else []
+        for cell in dict.fromkeys(window[0] for _, window in units):
             if rows % cell:
                 raise ValueError(
                     f"{type(merge).__name__}: windows {cell} rows high straddle the spatial "

@@ -111,6 +111,34 @@ def test_split_errors():
     sharding.check_split(fake_mesh(data=2), sd, (16, 16), rj.ToMe(), batch=3, guidance=True)
 
 
+def test_split_checks_go_through_the_merge_protocol():
+    """A method outside the library declares its cells and padding rule through
+    `MergeMethod` hooks; check_split asks them, knowing no class."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Cells(rj.MergeMethod):
+        max_downsample: int = 1
+        rows: int = 4
+
+        def windows(self, downsample):
+            return [(0, (self.rows, 1))]
+
+        def check_padding(self, batch, padded, guidance):
+            if padded != batch:
+                raise ValueError(f"Cells cannot pad {batch} to {padded}")
+
+        def for_block(self, tokens, grid, downsample, key=None, cache=None, use_cache=False):
+            return rj.BlockMerge(), None
+
+    sd = rj.UNetConfig.from_dict(SD1)
+    sharding.check_split(fake_mesh(spatial=8), sd, (16, 16), Cells(rows=2))
+    with pytest.raises(ValueError, match="Cells: windows 4 rows high straddle"):
+        sharding.check_split(fake_mesh(spatial=8), sd, (16, 16), Cells())
+    with pytest.raises(ValueError, match="Cells cannot pad 3 to 4"):
+        sharding.check_split(fake_mesh(data=2), sd, (16, 16), Cells(), batch=3)
+
+
 def test_initialize_distributed_argument_errors(monkeypatch):
     for var in ("RETOM_COORDINATOR", "RETOM_NUM_PROCESSES", "RETOM_PROCESS_ID"):
         monkeypatch.delenv(var, raising=False)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import colorsys
 import dataclasses
-import math
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..features import img2img_start
-from ..merge import ReToM, ToMe, _window_tables
+from ..merge import ReToM, ToMe, _window_tables, level_of
 
 __all__ = ["MergeMap", "merge_map", "render_merge_map", "add_merge_map_arguments"]
 
@@ -75,18 +74,13 @@ def _deliver(payload, hw, downsample):
         _ACTIVE[0].receive(payload, hw, downsample)
 
 
-def _downsample_of(latent_hw, num_tokens):
-    h, w = latent_hw
-    return int(math.ceil(math.sqrt(h * w // num_tokens)))  # as the UNet's MergeContext
-
-
 def _probe(base, latent_hw, level):
     """A copy of ``base`` (ToMe / ReToM) that also reports the inputs of its plans at
     ``level`` to the active sink."""
     cls = type(base)
 
     def emit(self, metric, hw, extra):
-        if _downsample_of(self.probe_latent_hw, metric.shape[1]) != self.probe_level:
+        if level_of(self.probe_latent_hw, metric.shape[1]) != self.probe_level:
             return
         receive = partial(_deliver, hw=tuple(int(v) for v in hw),
                           downsample=self.probe_level)  # static, not traced arguments
@@ -103,7 +97,7 @@ def _probe(base, latent_hw, level):
             emit(self, metric, hw, {"cache": cache, "use_cache": jnp.asarray(use_cache)})
             return cls.plan_cached(self, metric, hw, cache, use_cache, downsample=downsample)
         body["plan_cached"] = plan_cached
-    # Same class name: the UNet's checks tell ToMe from ReToM by it.
+    # Same class name: errors and captions name the method by it.
     if cls not in _PROBE_TYPES:
         _PROBE_TYPES[cls] = dataclasses.dataclass(frozen=True)(type(cls.__name__, (cls,), body))
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
