@@ -46,6 +46,17 @@ def _log(msg):
     print(msg, flush=True)
 
 
+def _resume(ckpts, state, tag, name):
+    """``(state, losses)`` from the newest checkpoint in ``ckpts`` (made for ``tag``), or
+    the fresh ``state`` and no losses."""
+    last = latest_checkpoint(ckpts)
+    if last is None:
+        return state, []
+    state, extra = load_checkpoint(last, state, tag)
+    _log(f"{name}: resumed from {last}")
+    return state, extra.get("losses", [])
+
+
 def text_encoder_config() -> dict:
     vocab, _ = demo.bpe_vocab(demo.DEMO_WORDS)
     eos, bos = vocab["<|endoftext|>"], vocab["<|startoftext|>"]
@@ -97,12 +108,7 @@ def train_vae(images: np.ndarray, work: Path, steps: int, batch: int, lr: float,
     state = TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
     tag = fingerprint("demo-vae", demo.DEMO_VAE, config, kl_weight, images.shape, crop)
     ckpts = work / "vae"
-    losses = []
-    last = latest_checkpoint(ckpts)
-    if last is not None:
-        state, extra = load_checkpoint(last, state, tag)
-        losses = extra.get("losses", [])
-        _log(f"vae: resumed from {last}")
+    state, losses = _resume(ckpts, state, tag, "vae")
     bar = Progress(steps, int(state.step), "vae ")
     while int(state.step) < steps:
         s = int(state.step)
@@ -149,12 +155,7 @@ def train_unet(means, stds, states, index, empty, scaling_factor, work: Path, st
     state = trainer.init()
     tag = fingerprint("demo-unet", config, tc, means.shape, float(scaling_factor))
     ckpts = work / "unet"
-    losses = []
-    last = latest_checkpoint(ckpts)
-    if last is not None:
-        state, extra = load_checkpoint(last, state, tag)
-        losses = extra.get("losses", [])
-        _log(f"unet: resumed from {last}")
+    state, losses = _resume(ckpts, state, tag, "unet")
     bar = Progress(steps, int(state.step), "unet")
     key = jax.random.key(seed + 2)
     while int(state.step) < steps:

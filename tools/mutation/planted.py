@@ -64,6 +64,7 @@ BUGS = {
 
 
 def copy_tree(dst: Path):
+    """The working tree's files that git tracks or would track, copied to ``dst``."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
                            check=True, capture_output=True, text=True).stdout.split()
     for f in files:

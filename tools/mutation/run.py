@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from planted import copy_tree  # noqa: E402  (one tree copier for both tools)
 
 PIPELINE_FUNCTIONS = ("_body", "_sample", "_start", "_noise", "_decode", "_finish",
                       "_fit_cache", "_init_merge_state", "_interactive", "_merge_at",
@@ -166,13 +168,7 @@ def mutate(source, names, index):
 
 
 def copy_repo(dst: Path, tests_rev: str | None):
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           check=True, capture_output=True, text=True).stdout.split()
-    for f in files:
-        src = ROOT / f
-        if src.is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
+    copy_tree(dst)
     if tests_rev:
         shutil.rmtree(dst / "tests")
         archive = subprocess.run(["git", "archive", tests_rev, "tests"], cwd=ROOT, check=True,
