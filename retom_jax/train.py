@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import weights
+from .progress import Progress  # noqa: F401  (re-exported: demo_train and users)
 from .save import _host, _path_key, save_unet, torch_state_dict, write_safetensors
 
 __all__ = ["TrainConfig", "TrainState", "Trainer", "diffusion_loss", "make_optimizer",
@@ -577,43 +577,7 @@ def load_checkpoint(path, template, tag: str):
     return jax.tree_util.tree_unflatten(treedef, values), json.loads(meta.get("extra", "{}"))
 
 
-# --------------------------------------------------------------------------- progress, plots
-
-class Progress:
-    """A one-line progress bar on stderr: step, loss (running mean), steps per second."""
-
-    def __init__(self, total: int, start: int = 0, desc: str = "train", stream=None,
-                 every: float = 0.5):
-        self.total, self.n, self.desc = total, start, desc
-        self.stream = stream or sys.stderr
-        self.t0, self.n0, self.last, self.every = time.perf_counter(), start, 0.0, every
-        self.loss = None
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        if not self.tty:
-            self.every = max(every, 10.0)  # a log file gets a line every 10 s
-
-    def update(self, loss: float, n: int = 1):
-        self.n += n
-        self.loss = loss if self.loss is None else 0.9 * self.loss + 0.1 * loss
-        now = time.perf_counter()
-        if now - self.last >= self.every or self.n >= self.total:
-            self.last = now
-            rate = (self.n - self.n0) / max(now - self.t0, 1e-9)
-            width = 24
-            done = int(width * self.n / self.total)
-            self.stream.write(f"{chr(13) if self.tty else ''}{self.desc} [{'#' * done}{'.' * (width - done)}] "
-                              f"{self.n}/{self.total} loss {self.loss:.4f} {rate:.2f} steps/s" + ("" if self.tty else "\n"))
-            self.stream.flush()
-
-    @property
-    def steps_per_second(self) -> float:
-        return (self.n - self.n0) / max(time.perf_counter() - self.t0, 1e-9)
-
-    def close(self):
-        if self.tty:
-            self.stream.write("\n")
-        self.stream.flush()
-
+# --------------------------------------------------------------------------- plots
 
 def smooth(values, window: int = 25) -> np.ndarray:
     v = np.asarray(values, np.float64)

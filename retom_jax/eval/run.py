@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import time
 from pathlib import Path
+
+from ..progress import Progress
 
 METHODS = ("none", "tome", "retom", "todo")
 METRIC_FIELDS = ("clip_score", "cmmd", "fid", "psnr", "ssim")
@@ -137,30 +137,6 @@ def _merge_for(args, method, ratio, first_level):
     return make_merge(ns, first_level)
 
 
-class Progress:
-    """One line per image on stderr: count, run, elapsed time and the ETA."""
-
-    def __init__(self, total: int, stream=None):
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
-        self.stream = stream or sys.stderr
-
-    def step(self, what: str):
-        self.done += 1
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / self.done * (self.total - self.done)
-        width = 24
-        filled = int(width * self.done / max(self.total, 1))
-        print(f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {what} "
-              f"elapsed {_clock(elapsed)} ETA {_clock(eta)}", file=self.stream, flush=True)
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
 def _load_json(path: Path, default):
     if not path.is_file():
         return default
@@ -220,7 +196,7 @@ def generate_images(pipe, args, prompts, runs, out: Path, log=print) -> dict:
     total = len(runs) * len(prompts) * args.seeds
     log(f"{total - len(todo)} of {total} images already in {out / 'images'}; "
         f"{len(todo)} to make")
-    bar = Progress(len(todo)) if todo else None
+    bar = Progress(len(todo), every=0, unit="") if todo else None
     merges = {}
     for method, ratio, tag, p, seed, path in todo:
         if tag not in merges:
@@ -234,7 +210,9 @@ def generate_images(pipe, args, prompts, runs, out: Path, log=print) -> dict:
         os.replace(tmp, path)
         timings.setdefault(tag, {})[path.name] = result.run_seconds
         _write_json(timings_path, timings)
-        bar.step(f"{tag} {path.stem}")
+        bar.update(what=f"{tag} {path.stem}")
+    if bar is not None:
+        bar.close()
     return timings
 
 
