@@ -25,15 +25,24 @@ from . import weights
 from .schedulers import _CLASSES as SCHEDULER_CLASSES
 
 __all__ = ["save_pipeline", "save_unet", "save_params", "torch_state_dict",
-           "write_safetensors"]
+           "write_safetensors", "is_writer"]
 
 _ST_NAMES = {np.dtype(v): k for k, v in weights._ST_DTYPES.items()}
 
 
+def is_writer() -> bool:
+    """Whether this process writes files: process 0 of a multi-host run (the others hold
+    the same gathered arrays and would write the same bytes to the same shared folder)."""
+    return jax.process_index() == 0
+
+
 def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path:
     """Write ``{name: array}`` as a safetensors file (``metadata``: string to string),
-    atomically (a temporary file renamed into place)."""
+    atomically (a temporary file renamed into place). Only process 0 writes (see
+    :func:`is_writer`); every process returns the path."""
     path = Path(path)
+    if not is_writer():
+        return path
     header, blobs, offset = {}, [], 0
     for name in sorted(tensors):
         a = np.asarray(tensors[name])
@@ -108,13 +117,16 @@ def save_unet(folder, config, params, dtype=None) -> Path:
         config = unet_config(config)
     config = {"_class_name": "UNet2DConditionModel",
               **{k: v for k, v in config.items() if k != "_class_name"}}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
+    if is_writer():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
     save_params(params, folder, "diffusion_pytorch_model", dtype)
     return folder
 
 
 def _write_json(path: Path, value: dict):
+    if not is_writer():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=2) + "\n")
 
@@ -194,7 +206,8 @@ def save_pipeline(pipe, folder) -> Path:
     for te_name, tok_name, encoder, tokenizer in encoders:
         save_params(encoder.params, folder / te_name, "model")
         _write_json(folder / te_name / "config.json", text_encoder_config(encoder.config))
-        tokenizer.save_pretrained(str(folder / tok_name))
+        if is_writer():
+            tokenizer.save_pretrained(str(folder / tok_name))
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(pipe.scheduler))
     _write_json(folder / "model_index.json", index)
     return folder

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["COLORS", "SHAPES", "WORDS", "caption", "render", "make_dataset", "write_folder",
-           "nearest_color", "color_shares"]
+           "nearest_color", "color_shares", "all_captions", "check_colors"]
 
 # Palette: names and RGB values far apart, so a pixel's nearest colour is unambiguous.
 COLORS = {
@@ -112,3 +112,32 @@ def color_shares(image: np.ndarray, region=None) -> dict[str, float]:
         idx = idx[region]
     counts = np.bincount(idx.reshape(-1), minlength=len(COLORS))
     return {name: float(c) / idx.size for name, c in zip(COLORS, counts)}
+
+
+def all_captions() -> list[str]:
+    """Every caption :func:`make_dataset` can draw: 6 shape colours x 5 other background
+    colours x 3 shapes = 90."""
+    return [caption(fg, shape, bg) for shape in SHAPES for fg in COLORS for bg in COLORS
+            if fg != bg]
+
+
+def check_colors(image: np.ndarray, color: str, background: str) -> dict:
+    """Whether a generated ``[H, W, 3]`` image (0-255) shows ``color`` on ``background``:
+    the background colour is the most common colour of the border (6/64 of the side wide)
+    and covers over 60% of it, and the shape's colour is the most common other colour of
+    the middle square (the central 3/8 of the side) and covers over 20% of it. Returns
+    ``{"bg", "fg"}`` (the colours found) and ``{"bg_ok", "fg_ok", "both_ok"}``."""
+    h, w = image.shape[:2]
+    border = np.ones((h, w), bool)
+    bh, bw = max(1, h * 6 // 64), max(1, w * 6 // 64)
+    border[bh:h - bh, bw:w - bw] = False
+    middle = np.zeros((h, w), bool)
+    middle[h * 5 // 16:h * 11 // 16, w * 5 // 16:w * 11 // 16] = True
+    edge, centre = color_shares(image, border), color_shares(image, middle)
+    got_bg = max(edge, key=edge.get)
+    others = {k: v for k, v in centre.items() if k != background}
+    got_fg = max(others, key=others.get)
+    bg_ok = got_bg == background and edge[background] > 0.6
+    fg_ok = got_fg == color and centre[color] > 0.2
+    return {"bg": got_bg, "fg": got_fg, "bg_ok": bool(bg_ok), "fg_ok": bool(fg_ok),
+            "both_ok": bool(bg_ok and fg_ok)}

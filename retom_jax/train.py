@@ -37,7 +37,7 @@ import numpy as np
 
 from . import weights
 from .progress import Progress  # noqa: F401  (re-exported: demo_train and users)
-from .save import _host, _path_key, save_unet, torch_state_dict, write_safetensors
+from .save import _host, _path_key, is_writer, save_unet, torch_state_dict, write_safetensors
 
 __all__ = ["TrainConfig", "TrainState", "Trainer", "diffusion_loss", "make_optimizer",
            "lora_targets", "init_lora", "fuse_lora", "lora_state_dict", "save_lora",
@@ -536,7 +536,7 @@ def save_checkpoint(folder, state, tag: str, extra: dict | None = None, keep: in
     meta = {"retom_jax_checkpoint": "1", "tag": tag, "step": str(step),
             "extra": json.dumps(extra or {})}
     path = write_safetensors(folder / f"step_{step:06d}.safetensors", tensors, meta)
-    for old in sorted(folder.glob("step_*.safetensors"))[:-keep]:
+    for old in sorted(folder.glob("step_*.safetensors"))[:-keep] if is_writer() else ():
         old.unlink()
     return path
 
@@ -795,10 +795,11 @@ def cached_encoding(cache_file, compute) -> dict:
         with np.load(cache_file, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     data = compute()
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(cache_file.stem + ".tmp.npz")
-    np.savez(tmp, **data)
-    os.replace(tmp, cache_file)
+    if is_writer():
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(cache_file.stem + ".tmp.npz")
+        np.savez(tmp, **data)
+        os.replace(tmp, cache_file)
     return data
 
 
@@ -822,6 +823,47 @@ def batches(data: dict, batch_size: int, seed: int, step: int) -> dict:
 
 
 # --------------------------------------------------------------------------- the run
+
+def run_steps(trainer: Trainer, state: TrainState, steps: int, batch_at, key, losses: list,
+              *, bar=None, every: int | None = None, save=None):
+    """Run ``trainer.step`` from the state's step up to ``steps`` (the batch of step ``s``
+    is ``batch_at(s)``), appending each step's loss to ``losses``. The host does not wait
+    for a step before dispatching the next: the step counter lives in Python and a step's
+    loss is read once the following step is queued. ``save(state)`` runs every ``every``
+    steps and after the last (its losses are in ``losses`` by then). Returns ``(state,
+    {"compile_seconds", "steps_per_second"})`` (the first call's time, tracing and
+    compiling included; the rate of the steps after it)."""
+    frozen = trainer.frozen()
+    first, pending = int(state.step), None
+    compile_seconds, t_loop = None, time.perf_counter()
+
+    def record(loss):
+        losses.append(float(loss))
+        if bar is not None:
+            bar.update(losses[-1])
+
+    for s in range(first, steps):
+        t0 = time.perf_counter()
+        state, metrics = trainer.step(state, batch_at(s), key, frozen)
+        if compile_seconds is None:
+            compile_seconds, t_loop = time.perf_counter() - t0, time.perf_counter()
+        if pending is not None:
+            record(pending)
+        pending = metrics["loss"]
+        if every and ((s + 1) % every == 0 or s + 1 == steps):
+            record(pending)
+            pending = None
+            if save is not None:
+                save(state)
+    if pending is not None:
+        record(pending)
+    jax.block_until_ready(state)
+    if bar is not None:
+        bar.close()
+    done = steps - first
+    rate = (done - 1) / max(time.perf_counter() - t_loop, 1e-9) if done > 1 else None
+    return state, {"compile_seconds": compile_seconds, "steps_per_second": rate}
+
 
 def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = None,
           lora_alpha: float | None = None, steps: int = 1000, batch_size: int = 1,
@@ -914,36 +956,20 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
     kind = f"LoRA rank {lora_rank}" if lora_rank else "full fine-tuning"
     log(f"training the UNet ({kind}, {merge!r} on the forward pass) on "
         f"{len(encoded['means'])} images for {steps} steps")
-    key = jax.random.key(seed)
-    frozen = trainer.frozen()
-    bar = Progress(steps, int(state.step), "train") if progress else None
-    t_loop, first_step = time.perf_counter(), int(state.step)
-    compile_seconds = None
-    while int(state.step) < steps:
-        s = int(state.step)
-        t0 = time.perf_counter()
-        state, metrics = trainer.step(state, batches(encoded, batch_size, seed, s), key, frozen)
-        losses.append(float(metrics["loss"]))
-        if compile_seconds is None:
-            compile_seconds = time.perf_counter() - t0
-            t_loop = time.perf_counter()
-        if bar is not None:
-            bar.update(losses[-1])
-        if (s + 1) % checkpoint_every == 0 or s + 1 == steps:
-            save_checkpoint(ckpts, state, tag, {"losses": losses})
-    if bar is not None:
-        bar.close()
-    done = int(state.step) - first_step
-    rate = (done - 1) / max(time.perf_counter() - t_loop, 1e-9) if done > 1 else None
+    first_step = int(state.step)
+    bar = Progress(steps, first_step, "train") if progress else None
+    state, timing = run_steps(
+        trainer, state, steps, lambda s: batches(encoded, batch_size, seed, s),
+        jax.random.key(seed), losses, bar=bar, every=checkpoint_every,
+        save=lambda st: save_checkpoint(ckpts, st, tag, {"losses": losses}))
+    compile_seconds, rate = timing["compile_seconds"], timing["steps_per_second"]
 
-    out.mkdir(parents=True, exist_ok=True)
     if lora_rank:
         result = save_lora(out, jax.tree.map(_host, state.params), lora_rank, lora_alpha,
                            save_dtype)
     else:
         raw = weights.read_config(pipeline_folder(model) / "unet")
         result = save_unet(out / "unet", raw, trainer.unet_params(state.params), save_dtype)
-    plot_losses(out / "loss.png", {"loss": losses}, title=f"retom-jax train: {kind}")
     summary = {"model": str(model), "data": str(data), "resolution": resolution,
                "steps": steps, "batch_size": batch_size, "lora_rank": lora_rank,
                "lora_alpha": lora_alpha, "merge": repr(merge), "dtype": str(dtype.name),
@@ -954,8 +980,10 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
                else None, "steps_per_second": rate, "compile_seconds": compile_seconds,
                "seconds": round(time.perf_counter() - t_start, 2), "output": str(result),
                "losses": losses}
-    (out / "train_log.json").write_text(json.dumps(summary) + "\n")
-    log(f"saved {result}; loss curve {out / 'loss.png'}")
+    if is_writer():  # process 0 of a multi-host run (the files go to a shared folder)
+        plot_losses(out / "loss.png", {"loss": losses}, title=f"retom-jax train: {kind}")
+        (out / "train_log.json").write_text(json.dumps(summary) + "\n")
+        log(f"saved {result}; loss curve {out / 'loss.png'}")
     return summary
 
 

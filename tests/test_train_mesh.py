@@ -12,19 +12,33 @@ def report(tmp_path_factory):
     return run_on_host_devices("tests.train_sharding_cases", out)
 
 
+# bf16 weights and compute: one example per device runs other kernel blockings than eight
+# on one device, so the bf16 roundings differ from the first forward pass on (measured:
+# loss 1.2e-3 / 1.6e-3, master parameters 1.0e-3 relative after three steps; one bf16
+# rounding is 3.9e-3)
+BF16_LOSS = BF16_PARAMS = 4e-3
+BOUNDS = {"full": (1e-5, 1e-5), "lora": (1e-5, 5e-5), "master": (BF16_LOSS, BF16_PARAMS)}
+
+
 def test_sharded_steps_equal_unsharded(report):
-    """Three steps with ReToM on, full and LoRA, on data=8 and data=4,fsdp=2: the losses
-    and the trained parameters equal the unsharded steps (fp32). LoRA's bound is looser:
-    its zero-initialised ``up`` matrices get Adam-normalised updates from tiny gradients,
-    which turns rounding-level differences in the sharded sums into ~2e-6 of the
-    adapters after three steps."""
+    """Three steps with ReToM on, full and LoRA (fp32) and full with bf16 weights through
+    an fp32 master copy, on data=8 and data=4,fsdp=2: the losses and the trained
+    parameters equal the unsharded steps. LoRA's bound is looser: its zero-initialised
+    ``up`` matrices get Adam-normalised updates from tiny gradients, which turns
+    rounding-level differences in the sharded sums into ~2e-6 of the adapters after three
+    steps. bf16: see BF16_LOSS."""
     rows = [r for r in report if "train" in r]
     assert {(r["train"], r["mesh"]) for r in rows} == {
-        (k, m) for k in ("full", "lora") for m in ("data=8", "data=4,fsdp=2")}
+        (k, m) for k in ("full", "lora", "master") for m in ("data=8", "data=4,fsdp=2")}
     for r in rows:
         assert r["merge"] == "retom" and len(r["losses"]) == 3
-        assert r["loss_rel"] <= 1e-5, r
-        assert r["params_rel"] <= (1e-5 if r["train"] == "full" else 5e-5), r
+        loss_bound, params_bound = BOUNDS[r["train"]]
+        assert r["loss_rel"] <= loss_bound, r
+        assert r["params_rel"] <= params_bound, r
+        if r["train"] == "master":  # the master is float32, the UNet computes in bf16
+            assert r["dtypes"] == {"trained": ["float32"], "unet": ["bfloat16"]}, r
+        else:
+            assert r["dtypes"]["trained"] == ["float32"], r
         assert r["compiles"] == 1, r          # one program for all the steps
         # the batch of 8 is split one example per device, over data (and fsdp)
         assert r["batch_spec"] == (["data"] if r["mesh"] == "data=8" else [["data", "fsdp"]])

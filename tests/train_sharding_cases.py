@@ -33,10 +33,12 @@ MIN_SIZE = 256  # the tiny models' kernels are small: split every kernel of >= 2
 STEPS = 3
 BATCH = 8
 MESHES = ("data=8", "data=4,fsdp=2")
-KINDS = {  # full fine-tuning with a float32 master copy of nothing (fp32), and LoRA
+KINDS = {  # full fine-tuning (fp32), LoRA, and bf16 weights trained through an fp32 master
     "full": dict(learning_rate=1e-3, warmup_steps=1),
     "lora": dict(learning_rate=1e-2, lora_rank=8, lora_alpha=4.0),
+    "master": dict(learning_rate=1e-3, warmup_steps=1, master_fp32=True),
 }
+DTYPES = {"master": jnp.bfloat16}  # the UNet's weights and compute (float32 otherwise)
 
 
 def mesh_of(text):
@@ -64,7 +66,7 @@ def batch_of(seed=0, n=BATCH):
 
 
 def run(kind, mesh_text, ac, merge):
-    unet = rj.init_unet(SMALL, seed=4)
+    unet = rj.init_unet(SMALL, seed=4, dtype=DTYPES.get(kind, jnp.float32))
     mesh = None if mesh_text is None else mesh_of(mesh_text)
     trainer = Trainer(unet, ac, TrainConfig(steps=10, batch_size=BATCH, **KINDS[kind]),
                       merge=merge, scaling_factor=0.5, mesh=mesh)
@@ -131,6 +133,9 @@ def training(root, out):
                                                        jax.tree.leaves(trainer.state_sharding)))}
             if "fsdp" in mesh_text:
                 row["fsdp"] = fsdp_report(trainer, state)
+            row["dtypes"] = {"trained": sorted({str(a.dtype) for a in jax.tree.leaves(
+                state.params)}), "unet": sorted({str(a.dtype) for a in jax.tree.leaves(
+                    trainer.unet_params(state.params, trainer.frozen()))})}
             out.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
 
