@@ -69,7 +69,8 @@ def main(argv=None):
     p.add_argument("--model", default="demo", help="'demo' (the shipped one) or a folder")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="default: the model's (the demo's: 3)")
     p.add_argument("--merges", nargs="+", default=["none"],
                    choices=["none", "tome", "retom", "todo"],
                    help="methods at ratio 0.5 (ToDo: factor 2); PSNR is against 'none'")
@@ -79,6 +80,8 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     pipe = build_demo_pipeline(path=None if a.model == "demo" else a.model)
+    if a.guidance is None:
+        a.guidance = pipe.default_guidance_scale
     writer = common.ResultWriter(a.out, common.run_meta("demo_quality", argv, vars(a)))
     plain, summaries = None, {}
     for merge in dict.fromkeys(["none", *a.merges]) if len(a.merges) > 1 else a.merges:

@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default="a photo of a cat")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="default: the model's (7.5; the demo model's 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)

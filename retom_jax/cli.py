@@ -229,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None,
                    help="what to steer away from (needs --guidance above 1)")
     g.add_argument("--steps", type=_positive_int, default=50, help="denoising steps")
-    g.add_argument("--guidance", type=float, default=7.5,
-                   help="classifier-free guidance scale; <= 1 turns guidance off")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; <= 1 turns guidance off (default: "
+                        "the model's, 7.5; the demo model's 3)")
     g.add_argument("--height", type=_positive_int, default=None,
                    help="image height in pixels, a multiple of 8 (default: the model's)")
     g.add_argument("--width", type=_positive_int, default=None,

@@ -24,7 +24,7 @@ from .weights import CheckpointError, parse_dtype
 
 __all__ = ["DEMO_NOTICE", "DEMO_ASSETS", "bpe_vocab", "build_demo_pipeline", "demo_tokenizer",
            "DEMO_UNET", "DEMO_VAE", "DEMO_TEXT", "DEMO_SCHEDULER", "SD15_SCHEDULER",
-           "DEMO_WORDS", "DEMO_PROMPTS"]
+           "DEMO_WORDS", "DEMO_PROMPTS", "DEMO_GUIDANCE"]
 
 DEMO_NOTICE = ("demo model: a tiny pipeline trained by retom-jax on its own synthetic shapes "
                "(64x64 images of one coloured shape on a coloured background). Prompts like "
@@ -50,7 +50,8 @@ DEMO_VAE = VAEConfig(
     norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 3,
     up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64,
 )
-# A small CLIP text encoder (kept at its random initialisation while the rest trains).
+# A small CLIP text encoder (trained briefly to tell the caption's colours and shape apart,
+# then frozen while the rest trains: demo_train.train_text_encoder).
 DEMO_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, max_position_embeddings=77)
 SD15_SCHEDULER = {  # Stable Diffusion 1.5's scheduler config
@@ -61,6 +62,11 @@ SD15_SCHEDULER = {  # Stable Diffusion 1.5's scheduler config
 }
 # The demo's: SD 1.5's with v-prediction (as SD 2.x; see demo_train.py for why).
 DEMO_SCHEDULER = {**SD15_SCHEDULER, "prediction_type": "v_prediction"}
+# Its default guidance scale (``guidance_scale=None``, the CLI's default): at SD's 7.5 the
+# extrapolation pushes its flat colours past the palette (a red square comes out yellow,
+# a green background black): all 90 captions x 2 seeds right at 2 and 3, 165/180 at 5,
+# 127/180 at 7.5 (``python benchmarks/demo_quality.py --guidance G --seeds 0 1``).
+DEMO_GUIDANCE = 3.0
 
 _SYMBOLS = "abcdefghijklmnopqrstuvwxyz0123456789!,.'-"
 _WORDS = ("a", "photo", "of", "the", "cat", "dog", "painting", "in", "and", "with")

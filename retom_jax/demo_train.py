@@ -11,7 +11,7 @@ were made by this script).
    nearly the same states: the UNet drew the right two colours in swapped places.) The
    states of the distinct captions (and of the empty prompt) are then computed once.
 3. VAE: ``demo.DEMO_VAE`` trained from scratch on reconstruction (mean squared error of
-   a posterior sample's decoding) plus a small KL term; the latents' scaling factor is
+   the posterior mean's decoding) plus a small KL term; the latents' scaling factor is
    then set to one over their standard deviation (the VAE trains on 32x32 crops: it is
    convolutional, and crops cost a quarter of whole images), as Stable Diffusion's was.
 4. UNet: ``demo.DEMO_UNET`` trained from scratch with ``retom_jax.train.Trainer`` (full
@@ -21,7 +21,9 @@ were made by this script).
    weighs the error of the predicted image by the tiny signal-to-noise ratio; the
    v-prediction loss does not.)
 5. Everything is written as a diffusers pipeline folder (float16 weights) with the loss
-   curves (``loss.png``) and a log (``train_log.json``).
+   curves (``loss.png``) and a log (``train_log.json``); its ``model_index.json`` carries
+   the default guidance scale (``demo.DEMO_GUIDANCE``: SD's 7.5 oversaturates a model
+   this small).
 
 Checkpoints (in ``--work``) let an interrupted run resume where it stopped.
 """
@@ -43,7 +45,7 @@ from .save import save_params, save_unet
 from .train import (Progress, init_module, TrainConfig, Trainer, TrainState, fingerprint, latest_checkpoint,
                     load_checkpoint, make_optimizer, plot_losses, run_steps, save_checkpoint)
 
-DEFAULTS = dict(images=4096, text_steps=200, vae_steps=300, unet_steps=1500, batch=12,
+DEFAULTS = dict(images=4096, text_steps=200, vae_steps=300, unet_steps=6000, batch=12,
                 text_lr=3e-3, vae_lr=2e-3, vae_crop=32, unet_lr=2e-3, kl_weight=1e-5, seed=0)
 
 
@@ -228,7 +230,8 @@ def write_pipeline(out: Path, unet_params, vae, text_encoder, scaling_factor: fl
              "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", "PNDMScheduler"],
              "safety_checker": [None, None], "feature_extractor": [None, None],
-             "requires_safety_checker": False}
+             "requires_safety_checker": False,
+             "_retom_jax_guidance_scale": demo.DEMO_GUIDANCE}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(

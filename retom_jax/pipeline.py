@@ -128,7 +128,7 @@ class SampleRequest:
     prompt: Any
     negative_prompt: Any = None
     num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the pipeline's default_guidance_scale
     height: int | None = None
     width: int | None = None
     num_images_per_prompt: int = 1
@@ -240,6 +240,9 @@ class _Pipeline:
 
     _uses_latent_stats = False  # SDXL's decoder honours the VAE's latents_mean/latents_std
     mesh = None  # a jax.sharding.Mesh: calls run sharded on it (see shard / sharding.py)
+    # what ``guidance_scale=None`` means: diffusers' default, unless the folder's
+    # model_index.json says otherwise (``_retom_jax_guidance_scale``, as the demo's does)
+    default_guidance_scale = 7.5
 
     def __init__(self, unet, vae, scheduler):
         self.unet, self.vae, self.scheduler = unet, vae, scheduler
@@ -367,11 +370,13 @@ class _Pipeline:
         return False
 
     def encode_prompt(self, prompt, negative_prompt=None, num_images_per_prompt=1,
-                      guidance_scale=7.5, height=None, width=None, **options) -> dict:
+                      guidance_scale=None, height=None, width=None, **options) -> dict:
         """The UNet conditioning as a dict of arrays: ``encoder_hidden_states``
         ``[rows, tokens, dim]`` (rows ``2 * batch`` with guidance, negatives first) and,
         for SDXL, ``text_embeds`` and ``time_ids``. ``options``: ``clip_skip`` and, for
         SDXL, ``prompt_2``, ``negative_prompt_2`` and the size conditioning."""
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
         prompts, negatives, guidance = self._check_prompts(prompt, negative_prompt,
                                                            guidance_scale)
         n = self._check_count(num_images_per_prompt)
@@ -678,7 +683,7 @@ class _Pipeline:
     # -- the call
 
     def __call__(self, prompt, negative_prompt=None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, height: int | None = None,
+                 guidance_scale: float | None = None, height: int | None = None,
                  width: int | None = None, num_images_per_prompt: int = 1,
                  seed: int | None = None, key=None, latents=None, output_type: str = "pil",
                  merge=None, progress: bool = False,
@@ -722,7 +727,7 @@ class _Pipeline:
         return PipelineOutput(out, compile_s, time.perf_counter() - t_start - compile_s)
 
     def compile(self, prompt="", negative_prompt=None, num_inference_steps: int = 50,
-                guidance_scale: float = 7.5, height: int | None = None,
+                guidance_scale: float | None = None, height: int | None = None,
                 width: int | None = None, num_images_per_prompt: int = 1,
                 output_type: str = "pil", merge=None, progress: bool = False,
                 **options) -> float:
@@ -751,7 +756,8 @@ class _Pipeline:
         ``g`` holds the traced knobs (guidance scale and rescale, DDIM's eta)."""
         r = request
         prompt, negative_prompt, height, width = r.prompt, r.negative_prompt, r.height, r.width
-        num_inference_steps, guidance_scale = r.num_inference_steps, r.guidance_scale
+        num_inference_steps = r.num_inference_steps
+        guidance_scale = self.default_guidance_scale if r.guidance_scale is None else r.guidance_scale
         num_images_per_prompt, seed, key, latents = (r.num_images_per_prompt, r.seed, r.key,
                                                      r.latents)
         output_type, merge, callback, options = r.output_type, r.merge, r.callback, r.options
@@ -1160,6 +1166,12 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
         pipe = StableDiffusionXLPipeline(unet, vae, te, te2, tok, tok2, sched,
                                          index.get("force_zeros_for_empty_prompt", True))
     pipe.scheduler_config = sched_config
+    if "_retom_jax_guidance_scale" in index:
+        scale = index["_retom_jax_guidance_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise CheckpointError(f"{root}/model_index.json: _retom_jax_guidance_scale must be "
+                                  f"a positive number, got {scale!r}")
+        pipe.default_guidance_scale = float(scale)
     for file, scale in loras:
         pipe.load_lora(file, scale)
     if mesh is not None:

@@ -192,6 +192,8 @@ def save_pipeline(pipe, folder) -> Path:
     for te_name, tok_name, encoder, _ in encoders:
         index[te_name] = ["transformers", encoder.config.architecture]
         index[tok_name] = ["transformers", "CLIPTokenizer"]
+    if pipe.default_guidance_scale != 7.5:  # (diffusers ignores "_" keys)
+        index["_retom_jax_guidance_scale"] = pipe.default_guidance_scale
     if xl:
         index["force_zeros_for_empty_prompt"] = pipe.force_zeros_for_empty_prompt
     else:

@@ -25,6 +25,7 @@ from retom_jax import ReToM, load_pipeline
 from retom_jax.cli import build_parser, main
 from retom_jax.demo import build_demo_pipeline
 from retom_jax.pipeline import _Pipeline, seed_key
+from retom_jax.weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ["generate", "--model", "demo", "--prompt", "a photo of a cat"]
@@ -248,6 +249,32 @@ def test_load_pipeline_demo(demo):
         load_pipeline("demo", variant="fp16")
 
 
+def test_default_guidance_comes_from_the_model(demo, tmp_path):
+    """guidance_scale=None (the CLI's default) is the model's default: the demo's 3 (its
+    model_index.json says so), 7.5 for a folder that says nothing; a bad value there is a
+    one-line error at load."""
+    import shutil
+
+    from retom_jax.demo import DEMO_ASSETS, DEMO_GUIDANCE
+
+    assert demo.default_guidance_scale == DEMO_GUIDANCE == 3.0
+    kw = dict(num_inference_steps=2, seed=1, output_type="np")
+    np.testing.assert_array_equal(demo("a red square on a green background", **kw).images,
+                                  demo("a red square on a green background",
+                                       guidance_scale=3.0, **kw).images)
+    folder = tmp_path / "plain"
+    shutil.copytree(DEMO_ASSETS, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.pop("_retom_jax_guidance_scale")
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert load_pipeline(folder).default_guidance_scale == 7.5
+    index["_retom_jax_guidance_scale"] = "high"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="_retom_jax_guidance_scale must be a positive "
+                                              "number, got 'high'"):
+        load_pipeline(folder)
+
+
 # -- 8. dtype aliases; 9. help, version, python -m -----------------------------------------
 
 def test_dtype_aliases(capsys):
@@ -266,7 +293,7 @@ def test_help_and_version(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("denoising steps (default: 50)", "(default: 7.5)", "(default: retom-jax.png)",
+    for shown in ("denoising steps (default: 50)", "(default: the model's, 7.5; the demo model's 3)", "(default: retom-jax.png)",
                   "(default: none)", "tome, retom: share of tokens merged (default 0.5)",
                   "last rows/columns stay unmerged", "every bit of it counts (default: 0)"):
         assert shown in text, shown
@@ -393,6 +420,7 @@ def test_save_demo_pipeline(demo, tmp_path):
                                      back.text_encoder.params))):
         np.testing.assert_array_equal(a, b)
     assert back.scheduler == demo.scheduler
+    assert back.default_guidance_scale == demo.default_guidance_scale == 3.0  # kept
     ids = retom_jax.tokenize(back.tokenizer, ["a photo of the cat"])
     np.testing.assert_array_equal(ids, retom_jax.tokenize(demo.tokenizer, ["a photo of the cat"]))
 

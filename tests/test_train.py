@@ -436,29 +436,27 @@ def test_bad_input_is_one_clear_error(tiny_sd, four_images, tmp_path):
 
 
 def test_demo_draws_the_asked_colours():
-    """The shipped demo model: for each prompt, the background colour covers the image's
-    border and the shape's colour is the most common other colour in the middle. (It gets
-    both colours right for 36 of its 90 captions at this seed and 74 backgrounds: these
-    four are among them; see the README.)"""
+    """The shipped demo model at its defaults (20 PLMS steps here, its guidance 3): the
+    issue's example and three more, one call each as the CLI makes them, get the asked
+    colours (``shapes.check_colors``: the background's colour covers the border, the
+    shape's is the most common other colour in the middle); and over all 90 captions of
+    its data set (one batch, seed 0) at least 85 do (measured: 90; seeds 0 and 1: 180 of
+    180, ``python benchmarks/demo_quality.py --seeds 0 1``)."""
     from retom_jax.demo import build_demo_pipeline
 
     pipe = build_demo_pipeline()
-    prompts = ["a yellow triangle on a black background", "a black square on a blue background",
-               "a green circle on a yellow background", "a white circle on a red background"]
-    images = pipe(prompts, num_inference_steps=20, seed=0, output_type="np").images
-    images = (np.asarray(images) * 255).round()
-    border = np.ones((64, 64), bool)
-    border[6:-6, 6:-6] = False
-    middle = np.zeros((64, 64), bool)
-    middle[20:44, 20:44] = True
-    for prompt, image in zip(prompts, images):
+    prompts = ["a red square on a green background", "a yellow triangle on a black background",
+               "a black square on a blue background", "a white circle on a red background"]
+    for prompt in prompts:
+        image = pipe(prompt, num_inference_steps=20, seed=0, output_type="np").images[0]
         words = prompt.split()
-        fg, bg = words[1], words[5]
-        edge = shapes.color_shares(image, border)
-        centre = shapes.color_shares(image, middle)
-        assert max(edge, key=edge.get) == bg and edge[bg] > 0.6, (prompt, edge)
-        others = {k: v for k, v in centre.items() if k != bg}
-        assert max(others, key=others.get) == fg and centre[fg] > 0.2, (prompt, centre)
+        verdict = shapes.check_colors(np.asarray(image) * 255, words[1], words[5])
+        assert verdict["both_ok"], (prompt, verdict)
+    captions = shapes.all_captions()
+    images = pipe(captions, num_inference_steps=20, seed=0, output_type="np").images
+    right = [shapes.check_colors(np.asarray(image) * 255, c.split()[1], c.split()[5])["both_ok"]
+             for c, image in zip(captions, images)]
+    assert sum(right) >= 85, [c for c, ok in zip(captions, right) if not ok]
 
 
 def test_demo_recipe_runs(tmp_path):

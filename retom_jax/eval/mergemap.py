@@ -184,7 +184,7 @@ def render_merge_map(image, slot_of, dst, caption: str = ""):
 
 
 def merge_map(pipe, prompt, *, merge, step: int | None = None, level: int | None = None,
-              block: int = 0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+              block: int = 0, num_inference_steps: int = 50, guidance_scale: float | None = None,
               **kwargs) -> MergeMap:
     """Generate ``prompt`` (first image) with ``merge`` and map the merging of the
     ``block``-th merged transformer block (in call order) at UNet downsample ``level``
@@ -192,6 +192,8 @@ def merge_map(pipe, prompt, *, merge, step: int | None = None, level: int | None
     one). ``kwargs`` go to the pipeline (``seed``, ``height``, ``negative_prompt`` ...)."""
     if not isinstance(merge, (ToMe, ReToM)):
         raise ValueError(f"a merge map needs ToMe or ReToM merging, got {merge!r}")
+    if guidance_scale is None:
+        guidance_scale = pipe.default_guidance_scale
     runs = num_inference_steps  # steps counted as the pipeline counts them (img2img: the
     if kwargs.get("image") is not None:  # steps that run, from its start step on)
         strength = kwargs.get("strength")

@@ -77,7 +77,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (50)")
     e.add_argument("--seeds", type=_positive_int, default=1,
                    help="images per prompt, seeds 0..N-1 (1)")
-    e.add_argument("--guidance", type=float, default=7.5, help="guidance scale (7.5)")
+    e.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: the model's, 7.5; the demo model's 3)")
     e.add_argument("--height", type=_positive_int, default=None)
     e.add_argument("--width", type=_positive_int, default=None)
     e.add_argument("--scheduler", default=None, help="scheduler name (default: the model's)")
@@ -165,7 +166,10 @@ def check_generation(args, prompts, out: Path) -> dict:
     old = _load_json(out / "generation.json", None)
     if old is None:
         return settings
-    changed = [k for k in _GENERATION_KEYS if old.get(k) != settings[k]]
+    # (guidance None: the model's default, not known before the model is read; the check
+    # after loading compares the number)
+    changed = [k for k in _GENERATION_KEYS if old.get(k) != settings[k]
+               and not (k == "guidance" and settings[k] is None)]
     short, long = sorted((old.get("prompts", []), settings["prompts"]), key=len)
     if long[:len(short)] != short:
         changed.append("prompts")
@@ -434,6 +438,8 @@ def run_eval(args, parser) -> int:
         parser.error(str(e))
     except ValueError as e:
         parser.error(str(e))
+    if args.guidance is None:  # the model's default (recorded as the number used)
+        args.guidance = pipe.default_guidance_scale
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
