@@ -100,8 +100,9 @@ def train_text_encoder(text_encoder, tokenizer, steps: int, lr: float, seed: int
     weight = weight / weight.sum()
     width = text_encoder.config.hidden_size
     key = jax.random.key(seed + 3)
+    sizes = (len(names), len(shapes.SHAPES), len(names))
     heads = [jax.random.normal(k, (width, n)) * 0.01
-             for k, n in zip(jax.random.split(key, 3), (len(names), len(shapes.SHAPES), len(names)))]
+             for k, n in zip(jax.random.split(key, 3), sizes)]
     params = {"encoder": text_encoder.params, "heads": heads}
     opt = optax.adam(lr)
 
@@ -250,7 +251,8 @@ def write_pipeline(out: Path, unet_params, vae, text_encoder, scaling_factor: fl
 
 
 def train_demo(out, work=None, *, images: int = DEFAULTS["images"],
-               text_steps: int = DEFAULTS["text_steps"], vae_steps: int = DEFAULTS["vae_steps"], unet_steps: int = DEFAULTS["unet_steps"],
+               text_steps: int = DEFAULTS["text_steps"], vae_steps: int = DEFAULTS["vae_steps"],
+               unet_steps: int = DEFAULTS["unet_steps"],
                batch: int = DEFAULTS["batch"], seed: int = DEFAULTS["seed"],
                keep_work: bool = False) -> Path:
     """Train the whole demo model and write it to ``out``; returns ``out``."""
@@ -293,9 +295,11 @@ def train_demo(out, work=None, *, images: int = DEFAULTS["images"],
                                    "vae (reconstruction mse)": vae_losses},
                 title="demo model: training losses")
     log = {"command": "retom-jax train --demo", "images": images, "batch": batch,
-           "text_steps": text_steps, "vae_steps": vae_steps, "unet_steps": unet_steps, "seed": seed,
+           "text_steps": text_steps, "vae_steps": vae_steps, "unet_steps": unet_steps,
+           "seed": seed,
            "scaling_factor": scaling_factor,
-           "text_final_loss": text_losses[-1], "vae_final_mse": float(np.mean(vae_losses[-50:])),
+           "text_final_loss": text_losses[-1],
+           "vae_final_mse": float(np.mean(vae_losses[-50:])),
            "unet_final_loss": float(np.mean(unet_losses[-100:])),
            "vae_seconds_this_run": round(vae_seconds, 1),
            "unet_seconds_this_run": round(unet_seconds, 1),
@@ -320,8 +324,9 @@ def main(argv=None):  # pragma: no cover - the CLI's `train --demo` is the entry
     for k in ("images", "text_steps", "vae_steps", "unet_steps", "batch", "seed"):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=DEFAULTS[k])
     a = p.parse_args(argv)
-    train_demo(a.out, a.work, images=a.images, text_steps=a.text_steps, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
-               batch=a.batch, seed=a.seed, keep_work=a.work is not None)
+    train_demo(a.out, a.work, images=a.images, text_steps=a.text_steps, vae_steps=a.vae_steps,
+               unet_steps=a.unet_steps, batch=a.batch, seed=a.seed,
+               keep_work=a.work is not None)
     return 0
 
 

@@ -692,7 +692,8 @@ class _Pipeline:
 
         ``prompt``: a string or a list of strings (one image batch row each, times
         ``num_images_per_prompt``). ``negative_prompt``: a string (for every prompt) or one
-        per prompt; needs ``guidance_scale > 1``. ``seed`` (default 0) or ``key`` (a JAX
+        per prompt; needs ``guidance_scale > 1`` (None: the model's
+        ``default_guidance_scale``, 7.5 unless its folder says otherwise). ``seed`` (default 0) or ``key`` (a JAX
         PRNG key) draw the initial noise and any per-step randomness (ancestral samplers,
         ToMe's random destinations); ``latents`` (NCHW ``[images, C, H/f, W/f]``) replaces
         the drawn noise and is scaled by the scheduler's ``init_noise_sigma`` as diffusers
@@ -1167,11 +1168,11 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
                                          index.get("force_zeros_for_empty_prompt", True))
     pipe.scheduler_config = sched_config
     if "_retom_jax_guidance_scale" in index:
-        scale = index["_retom_jax_guidance_scale"]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        g = index["_retom_jax_guidance_scale"]
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g < float("inf"):
             raise CheckpointError(f"{root}/model_index.json: _retom_jax_guidance_scale must be "
-                                  f"a positive number, got {scale!r}")
-        pipe.default_guidance_scale = float(scale)
+                                  f"a positive number, got {g!r}")
+        pipe.default_guidance_scale = float(g)
     for file, scale in loras:
         pipe.load_lora(file, scale)
     if mesh is not None:
