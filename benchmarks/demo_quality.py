@@ -45,11 +45,11 @@ def run(pipe, seeds, steps, guidance, merge, batch):
             images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                           merge=method, output_type="np").images
             for prompt, image in zip(chunk, np.asarray(images)):
-                words = prompt.split()
+                color, _, background = shapes.parse_caption(prompt)
                 image = (image * 255).round()
                 out.append(image)
                 rows.append({"prompt": prompt, "seed": seed, "merge": merge,
-                             **shapes.check_colors(image, words[1], words[5])})
+                             **shapes.check_colors(image, color, background)})
     return rows, np.stack(out)
 
 
@@ -80,8 +80,7 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     pipe = build_demo_pipeline(path=None if a.model == "demo" else a.model)
-    if a.guidance is None:
-        a.guidance = pipe.default_guidance_scale
+    a.guidance = pipe.resolve_guidance(a.guidance)
     writer = common.ResultWriter(a.out, common.run_meta("demo_quality", argv, vars(a)))
     plain, summaries = None, {}
     for merge in dict.fromkeys(["none", *a.merges]) if len(a.merges) > 1 else a.merges:

@@ -93,9 +93,8 @@ def train_text_encoder(text_encoder, tokenizer, steps: int, lr: float, seed: int
 
     names, captions = list(shapes.COLORS), shapes.all_captions()
     ids = jnp.asarray(tokenize(tokenizer, captions))
-    words = [c.split() for c in captions]  # a {fg} {shape} on a {bg} background
-    labels = jnp.asarray([(names.index(w[1]), shapes.SHAPES.index(w[2]), names.index(w[5]))
-                          for w in words])
+    labels = jnp.asarray([(names.index(fg), shapes.SHAPES.index(shape), names.index(bg))
+                          for fg, shape, bg in map(shapes.parse_caption, captions)])
     weight = (ids == tokenizer.convert_tokens_to_ids("<|endoftext|>")).astype(jnp.float32)
     weight = weight / weight.sum()
     width = text_encoder.config.hidden_size
@@ -216,7 +215,7 @@ def train_unet(means, stds, states, index, empty, scaling_factor, work: Path, st
         return {"latents": means[idx], "encoder_hidden_states": states[index[idx]]}
 
     state, _ = run_steps(trainer, state, steps, batch_at, jax.random.key(seed + 2), losses,
-                         bar=Progress(steps, int(state.step), "unet"), every=250,
+                         progress="unet", every=250,
                          save=lambda st: save_checkpoint(ckpts, st, tag, {"losses": losses}))
     return state.params, losses
 

@@ -369,16 +369,18 @@ class _Pipeline:
     def _zero_negative(self, negative_prompt) -> bool:
         return False
 
+    def resolve_guidance(self, guidance_scale) -> float:
+        """``guidance_scale``, or the model's default when it is None."""
+        return self.default_guidance_scale if guidance_scale is None else guidance_scale
+
     def encode_prompt(self, prompt, negative_prompt=None, num_images_per_prompt=1,
                       guidance_scale=None, height=None, width=None, **options) -> dict:
         """The UNet conditioning as a dict of arrays: ``encoder_hidden_states``
         ``[rows, tokens, dim]`` (rows ``2 * batch`` with guidance, negatives first) and,
         for SDXL, ``text_embeds`` and ``time_ids``. ``options``: ``clip_skip`` and, for
         SDXL, ``prompt_2``, ``negative_prompt_2`` and the size conditioning."""
-        if guidance_scale is None:
-            guidance_scale = self.default_guidance_scale
-        prompts, negatives, guidance = self._check_prompts(prompt, negative_prompt,
-                                                           guidance_scale)
+        prompts, negatives, guidance = self._check_prompts(
+            prompt, negative_prompt, self.resolve_guidance(guidance_scale))
         n = self._check_count(num_images_per_prompt)
         height, width = self._check_size(height, width, None)
         options = self._check_options(options, prompts, negative_prompt, guidance)
@@ -758,7 +760,7 @@ class _Pipeline:
         r = request
         prompt, negative_prompt, height, width = r.prompt, r.negative_prompt, r.height, r.width
         num_inference_steps = r.num_inference_steps
-        guidance_scale = self.default_guidance_scale if r.guidance_scale is None else r.guidance_scale
+        guidance_scale = self.resolve_guidance(r.guidance_scale)
         num_images_per_prompt, seed, key, latents = (r.num_images_per_prompt, r.seed, r.key,
                                                      r.latents)
         output_type, merge, callback, options = r.output_type, r.merge, r.callback, r.options
@@ -1097,6 +1099,24 @@ def read_model_index(folder) -> dict:
     return read_json(folder, "model_index.json")
 
 
+def _index_guidance(index: dict, root) -> float:
+    g = index.get("_retom_jax_guidance_scale", _Pipeline.default_guidance_scale)
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g < float("inf"):
+        raise CheckpointError(f"{root}/model_index.json: _retom_jax_guidance_scale must be a "
+                              f"positive number, got {g!r}")
+    return float(g)
+
+
+def default_guidance_scale(path_or_repo_id) -> float:
+    """What ``guidance_scale=None`` means for a model, read from its ``model_index.json``
+    alone (no weights): its ``_retom_jax_guidance_scale`` (diffusers ignores "_" keys; the
+    demo's is 3), else diffusers' 7.5. The loaded pipeline's ``default_guidance_scale``."""
+    from .demo import DEMO_ASSETS
+
+    root = DEMO_ASSETS if str(path_or_repo_id) == "demo" else pipeline_folder(path_or_repo_id)
+    return _index_guidance(read_model_index(root), root)
+
+
 def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attention="auto",
                   param_dtype=None, variant: str | None = None, lora=(),
                   mesh=None):
@@ -1167,12 +1187,7 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
         pipe = StableDiffusionXLPipeline(unet, vae, te, te2, tok, tok2, sched,
                                          index.get("force_zeros_for_empty_prompt", True))
     pipe.scheduler_config = sched_config
-    if "_retom_jax_guidance_scale" in index:
-        g = index["_retom_jax_guidance_scale"]
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g < float("inf"):
-            raise CheckpointError(f"{root}/model_index.json: _retom_jax_guidance_scale must be "
-                                  f"a positive number, got {g!r}")
-        pipe.default_guidance_scale = float(g)
+    pipe.default_guidance_scale = _index_guidance(index, root)
     for file, scale in loras:
         pipe.load_lora(file, scale)
     if mesh is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["COLORS", "SHAPES", "WORDS", "caption", "render", "make_dataset", "write_folder",
-           "nearest_color", "color_shares", "all_captions", "check_colors"]
+           "nearest_color", "color_shares", "all_captions", "parse_caption", "check_colors"]
 
 # Palette: names and RGB values far apart, so a pixel's nearest colour is unambiguous.
 COLORS = {
@@ -119,6 +119,16 @@ def all_captions() -> list[str]:
     colours x 3 shapes = 90."""
     return [caption(fg, shape, bg) for shape in SHAPES for fg in COLORS for bg in COLORS
             if fg != bg]
+
+
+def parse_caption(text: str) -> tuple[str, str, str]:
+    """``(color, shape, background)`` of a caption made by :func:`caption`."""
+    words = text.split()
+    if (len(words) != 7 or words[1] not in COLORS or words[2] not in SHAPES
+            or words[5] not in COLORS or caption(words[1], words[2], words[5]) != text):
+        raise ValueError(f"not a shapes caption: {text!r} (they read "
+                         f"{caption('red', 'circle', 'blue')!r})")
+    return words[1], words[2], words[5]
 
 
 def check_colors(image: np.ndarray, color: str, background: str) -> dict:

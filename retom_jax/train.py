@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import weights
-from .progress import Progress  # noqa: F401  (re-exported: demo_train and users)
+from .progress import Progress  # (demo_train imports it from here too)
 from .save import _host, _path_key, is_writer, save_unet, torch_state_dict, write_safetensors
 
 __all__ = ["TrainConfig", "TrainState", "Trainer", "diffusion_loss", "make_optimizer",
@@ -825,9 +825,10 @@ def batches(data: dict, batch_size: int, seed: int, step: int) -> dict:
 # --------------------------------------------------------------------------- the run
 
 def run_steps(trainer: Trainer, state: TrainState, steps: int, batch_at, key, losses: list,
-              *, bar=None, every: int | None = None, save=None):
+              *, progress: str | None = None, every: int | None = None, save=None):
     """Run ``trainer.step`` from the state's step up to ``steps`` (the batch of step ``s``
-    is ``batch_at(s)``), appending each step's loss to ``losses``. The host does not wait
+    is ``batch_at(s)``), appending each step's loss to ``losses``; ``progress``: the
+    label of a progress line (None: none). The host does not wait
     for a step before dispatching the next: the step counter lives in Python and a step's
     loss is read once the following step is queued. ``save(state)`` runs every ``every``
     steps and after the last (its losses are in ``losses`` by then). Returns ``(state,
@@ -835,6 +836,7 @@ def run_steps(trainer: Trainer, state: TrainState, steps: int, batch_at, key, lo
     compiling included; the rate of the steps after it)."""
     frozen = trainer.frozen()
     first, pending = int(state.step), None
+    bar = Progress(steps, first, progress) if progress is not None else None
     compile_seconds, t_loop = None, time.perf_counter()
 
     def record(loss):
@@ -956,11 +958,10 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
     kind = f"LoRA rank {lora_rank}" if lora_rank else "full fine-tuning"
     log(f"training the UNet ({kind}, {merge!r} on the forward pass) on "
         f"{len(encoded['means'])} images for {steps} steps")
-    first_step = int(state.step)
-    bar = Progress(steps, first_step, "train") if progress else None
     state, timing = run_steps(
         trainer, state, steps, lambda s: batches(encoded, batch_size, seed, s),
-        jax.random.key(seed), losses, bar=bar, every=checkpoint_every,
+        jax.random.key(seed), losses, progress="train" if progress else None,
+        every=checkpoint_every,
         save=lambda st: save_checkpoint(ckpts, st, tag, {"losses": losses}))
     compile_seconds, rate = timing["compile_seconds"], timing["steps_per_second"]
 

@@ -449,13 +449,15 @@ def test_demo_draws_the_asked_colours():
                "a black square on a blue background", "a white circle on a red background"]
     for prompt in prompts:
         image = pipe(prompt, num_inference_steps=20, seed=0, output_type="np").images[0]
-        words = prompt.split()
-        verdict = shapes.check_colors(np.asarray(image) * 255, words[1], words[5])
+        color, _, background = shapes.parse_caption(prompt)
+        verdict = shapes.check_colors(np.asarray(image) * 255, color, background)
         assert verdict["both_ok"], (prompt, verdict)
     captions = shapes.all_captions()
     images = pipe(captions, num_inference_steps=20, seed=0, output_type="np").images
-    right = [shapes.check_colors(np.asarray(image) * 255, c.split()[1], c.split()[5])["both_ok"]
-             for c, image in zip(captions, images)]
+    right = []
+    for caption, image in zip(captions, images):
+        color, _, background = shapes.parse_caption(caption)
+        right.append(shapes.check_colors(np.asarray(image) * 255, color, background)["both_ok"])
     assert sum(right) >= 85, [c for c, ok in zip(captions, right) if not ok]
 
 

@@ -192,8 +192,7 @@ def merge_map(pipe, prompt, *, merge, step: int | None = None, level: int | None
     one). ``kwargs`` go to the pipeline (``seed``, ``height``, ``negative_prompt`` ...)."""
     if not isinstance(merge, (ToMe, ReToM)):
         raise ValueError(f"a merge map needs ToMe or ReToM merging, got {merge!r}")
-    if guidance_scale is None:
-        guidance_scale = pipe.default_guidance_scale
+    guidance_scale = pipe.resolve_guidance(guidance_scale)
     runs = num_inference_steps  # steps counted as the pipeline counts them (img2img: the
     if kwargs.get("image") is not None:  # steps that run, from its start step on)
         strength = kwargs.get("strength")

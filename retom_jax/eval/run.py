@@ -166,10 +166,7 @@ def check_generation(args, prompts, out: Path) -> dict:
     old = _load_json(out / "generation.json", None)
     if old is None:
         return settings
-    # (guidance None: the model's default, not known before the model is read; the check
-    # after loading compares the number)
-    changed = [k for k in _GENERATION_KEYS if old.get(k) != settings[k]
-               and not (k == "guidance" and settings[k] is None)]
+    changed = [k for k in _GENERATION_KEYS if old.get(k) != settings[k]]
     short, long = sorted((old.get("prompts", []), settings["prompts"]), key=len)
     if long[:len(short)] != short:
         changed.append("prompts")
@@ -395,6 +392,10 @@ def run_eval(args, parser) -> int:
                              f"prompt(s) x {args.seeds} seed(s) make {n_images}")
         if args.reference:
             _reference_paths(args.reference)
+        if args.guidance is None:  # the model's default, recorded as the number used
+            from ..pipeline import default_guidance_scale
+
+            args.guidance = default_guidance_scale(args.model)
         check_generation(args, prompts, Path(args.out))
         mesh = None
         if args.mesh is not None:
@@ -438,8 +439,6 @@ def run_eval(args, parser) -> int:
         parser.error(str(e))
     except ValueError as e:
         parser.error(str(e))
-    if args.guidance is None:  # the model's default (recorded as the number used)
-        args.guidance = pipe.default_guidance_scale
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
