@@ -155,9 +155,9 @@ def main(argv=None):
     args = parse_args(argv)
     from flax import nnx
 
-    from retom_jax import attention as attn
-    from retom_jax.unet import UNet, UNet2DConditionModel
-    from retom_jax.weights import abstract_module
+    from retom_jax.models import attention as attn
+    from retom_jax.models.unet import UNet, UNet2DConditionModel
+    from retom_jax.models.weights import abstract_module
 
     config = common.unet_config(common.MODELS[args.model])
     dtype = common.parse_dtype(args.dtype)

@@ -35,9 +35,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from retom_jax.demo import DEMO_UNET  # noqa: E402
-from retom_jax.merge import BlockMerge, MergeMethod  # noqa: E402
-from retom_jax.unet import init_unet  # noqa: E402
-from retom_jax.weights import random_state  # noqa: E402
+from retom_jax.merge.interface import BlockMerge, MergeMethod  # noqa: E402
+from retom_jax.models.unet import init_unet  # noqa: E402
+from retom_jax.models.weights import random_state  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # UNet configs: the real architectures, written out as diffusers config.json dicts
@@ -131,7 +131,7 @@ def family(model: str) -> str:
 
 def unet_config(config):
     """A ``retom_jax.UNetConfig`` from a config dict (or one already built)."""
-    from retom_jax.unet import UNetConfig
+    from retom_jax.models.unet import UNetConfig
 
     return config if isinstance(config, UNetConfig) else UNetConfig.from_dict(dict(config))
 
@@ -318,7 +318,7 @@ def ratio_for(method: str, ratio: float) -> float:
 def make_merge(method: str, ratio: float, first_level: int = 1):
     """The merge config object for a method (None for ``"none"``): the library's
     ``cli.merge_config`` with the variant's options, or a zero-overhead probe."""
-    from retom_jax.cli import merge_config
+    from retom_jax.merge import from_options as merge_config
 
     md = max_downsample_for(method, first_level)
     if method == "free":

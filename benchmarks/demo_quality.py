@@ -34,7 +34,7 @@ from retom_jax import shapes  # noqa: E402
 
 def run(pipe, seeds, steps, guidance, merge, batch):
     """``(rows, images)``: each caption's verdict per seed and the images (0-255)."""
-    from retom_jax.cli import merge_config
+    from retom_jax.merge import from_options as merge_config
 
     method = merge_config(merge, 0.5) if merge != "none" else None
     prompts = shapes.all_captions()

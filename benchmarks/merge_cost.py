@@ -53,8 +53,8 @@ def main(argv=None):
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     from flax import nnx
 
-    from retom_jax import weights
-    from retom_jax.unet import UNet, UNet2DConditionModel
+    from retom_jax.models import weights
+    from retom_jax.models.unet import UNet, UNet2DConditionModel
 
     config = common.unet_config(common.MODELS[args.model])
     module = weights.abstract_module(lambda rngs: UNet2DConditionModel(

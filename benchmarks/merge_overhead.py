@@ -70,7 +70,7 @@ def make_weights(channels, inner, dtype, key):
 
 def attention_layer(w, x, kv_tokens=None, *, heads, head_dim, implementation):
     """diffusers' self-attention (no biases on q/k/v, biased output projection)."""
-    from retom_jax.attention import dot_product_attention
+    from retom_jax.models.attention import dot_product_attention
 
     b = x.shape[0]
     kv = x if kv_tokens is None else kv_tokens

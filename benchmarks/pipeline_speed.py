@@ -56,11 +56,11 @@ def random_pipeline(model: str, dtype):
     """A pipeline with random weights at the real architecture of ``model``."""
     from flax import nnx
 
-    from retom_jax.clip import TextEncoder, TextEncoderConfig, build_text_encoder
+    from retom_jax.models.clip import TextEncoder, TextEncoderConfig, build_text_encoder
     from retom_jax.demo import SD15_SCHEDULER, demo_tokenizer
-    from retom_jax.pipeline import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from retom_jax.pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionXLPipeline
     from retom_jax.schedulers import from_config as scheduler_from_config
-    from retom_jax.vae import VAE, VAEConfig, build_vae_module
+    from retom_jax.models.vae import VAE, VAEConfig, build_vae_module
 
     tok = demo_tokenizer()
     ids = dict(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
@@ -135,7 +135,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        from retom_jax import pipeline as _pipeline  # noqa: F401
+        from retom_jax import pipelines as _pipeline  # noqa: F401
     except ImportError as e:
         print(f"pipeline_speed skipped: retom_jax.pipeline is not importable ({e})")
         return 0
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             if args.weights:
-                from retom_jax.pipeline import load_pipeline
+                from retom_jax.pipelines.loading import load_pipeline
                 pipe = load_pipeline(args.weights, dtype, attention=args.attention)
                 label = model if model != "weights" else f"weights:{Path(args.weights).name}"
             elif model == "demo":

@@ -110,9 +110,9 @@ def measure(trainer, batch, args):
     key = jax.random.key(1)
     compiled, info = common.compile_jitted(trainer, state, batch, key)  # trainer.lower(...)
     if trainer.mesh is not None:  # the compiled step takes its arguments placed on the mesh
-        from retom_jax.train import _replicated
+        from retom_jax.train.trainer import replicated
 
-        batch, key = trainer.place_batch(batch), _replicated(key, trainer.mesh)
+        batch, key = trainer.place_batch(batch), replicated(key, trainer.mesh)
     frozen = trainer.frozen()
     times, loss = [], None
     for i in range(args.warmup + args.iters):
@@ -130,7 +130,7 @@ def measure(trainer, batch, args):
 def main(argv=None) -> int:
     from retom_jax.schedulers import from_config
     from retom_jax.demo import SD15_SCHEDULER
-    from retom_jax.train import TrainConfig, Trainer
+    from retom_jax.train.trainer import TrainConfig, Trainer
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     dtype = common.parse_dtype(args.dtype)

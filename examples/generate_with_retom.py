@@ -18,8 +18,7 @@ import sys
 import jax.numpy as jnp
 from PIL import Image, ImageDraw
 
-from retom_jax import ReToM
-from retom_jax.pipeline import load_pipeline
+from retom_jax import ReToM, load_pipeline
 
 
 def side_by_side(left: Image.Image, right: Image.Image, labels=("no merging", "ReToM")):

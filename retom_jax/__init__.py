@@ -1,22 +1,42 @@
-"""retom-jax: Stable Diffusion in JAX/Flax with token merging (ToMe, ReToM, ToDo).
+"""retom-jax: diffusion models in JAX/Flax with token merging (ToMe, ReToM, ToDo).
 
 Loaders read diffusers/transformers checkpoint folders (or the local Hugging Face cache)
-without torch; every model is an NNX module with a pure ``apply`` underneath.
+without torch; every model is an NNX module with a pure ``apply`` underneath. Subpackages:
+``models``, ``merge``, ``schedulers``, ``pipelines``, ``train``, ``eval``, ``cli``.
 """
-from .attention import dot_product_attention
-from .clip import (TextEncoder, TextEncoderConfig, TextEncoderOutput, load_text_encoder,
-                   load_tokenizer, tokenize)
-from .lora import LoraError, read_lora
-from .merge import BlockMerge, MergeMethod, ReToM, ToDo, ToMe, loop_segments
-from .pipeline import (PipelineOutput, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                       load_pipeline)
-from .save import save_pipeline
-from .sharding import initialize_distributed, make_mesh
-from .schedulers import (DDIM, PNDM, DPMSolverMultistep, Euler, EulerAncestral,
-                         load_scheduler)
+# ----------------------------------------------------------------------------- pipelines
+from .pipelines import (PipelineOutput, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                        load_pipeline, save_pipeline)
+# ----------------------------------------------------------------------------- merging
+from .merge import METHODS, BlockMerge, MergeMethod, ReToM, ToDo, ToMe, from_options, loop_segments
+# ----------------------------------------------------------------------------- models
+from .models import (VAE, CheckpointError, DiagonalGaussian, LoraError, TextEncoder,
+                     TextEncoderConfig, TextEncoderOutput, UNet, UNetConfig, UNetOutput,
+                     VAEConfig, dot_product_attention, init_unet, load_text_encoder,
+                     load_tokenizer, load_unet, load_vae, read_lora, tokenize)
+# ----------------------------------------------------------------------------- schedulers
+from .schedulers import DDIM, PNDM, DPMSolverMultistep, Euler, EulerAncestral, load_scheduler
 from .schedulers import from_config as scheduler_from_config
-from .unet import UNet, UNetConfig, UNetOutput, init_unet, load_unet
-from .vae import VAE, DiagonalGaussian, VAEConfig, load_vae
-from .weights import CheckpointError
+# ----------------------------------------------------------------------------- scaling
+from .sharding import initialize_distributed, make_mesh
 
 __version__ = "0.1.0"
+
+__all__ = [
+    # pipelines
+    "load_pipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "PipelineOutput",
+    "save_pipeline",
+    # merging
+    "ToMe", "ReToM", "ToDo", "METHODS", "from_options", "MergeMethod", "BlockMerge",
+    "loop_segments",
+    # models
+    "UNet", "UNetConfig", "UNetOutput", "init_unet", "load_unet", "VAE", "VAEConfig",
+    "DiagonalGaussian", "load_vae", "TextEncoder", "TextEncoderConfig", "TextEncoderOutput",
+    "load_text_encoder", "load_tokenizer", "tokenize", "dot_product_attention", "read_lora",
+    "LoraError", "CheckpointError",
+    # schedulers
+    "DDIM", "PNDM", "Euler", "EulerAncestral", "DPMSolverMultistep", "load_scheduler",
+    "scheduler_from_config",
+    # scaling
+    "make_mesh", "initialize_distributed",
+]

@@ -19,8 +19,9 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from . import shapes
-from .vae import VAEConfig
-from .weights import CheckpointError, parse_dtype
+from .models.vae import VAEConfig
+from .models.weights import DEMO_ASSETS, parse_dtype
+from .pipelines import load_pipeline
 
 __all__ = ["DEMO_NOTICE", "DEMO_ASSETS", "bpe_vocab", "build_demo_pipeline", "demo_tokenizer",
            "DEMO_UNET", "DEMO_VAE", "DEMO_TEXT", "DEMO_SCHEDULER", "SD15_SCHEDULER",
@@ -34,7 +35,6 @@ DEMO_NOTICE = ("demo model: a tiny pipeline trained by retom-jax on its own synt
                "for real images.")
 DEMO_PROMPTS = ("a red circle on a blue background", "a yellow square on a black background",
                 "a white triangle on a green background", "a blue circle on a yellow background")
-DEMO_ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
 
 # Two UNet levels, attention at the full latent resolution (where merging applies).
 DEMO_UNET = dict(
@@ -69,9 +69,9 @@ DEMO_SCHEDULER = {**SD15_SCHEDULER, "prediction_type": "v_prediction"}
 DEMO_GUIDANCE = 3.0
 
 _SYMBOLS = "abcdefghijklmnopqrstuvwxyz0123456789!,.'-"
-_WORDS = ("a", "photo", "of", "the", "cat", "dog", "painting", "in", "and", "with")
+PROMPT_WORDS = ("a", "photo", "of", "the", "cat", "dog", "painting", "in", "and", "with")
 # The demo model's vocabulary (the caption words; BPE keeps most of them whole).
-DEMO_WORDS = tuple(dict.fromkeys(_WORDS + shapes.WORDS))
+DEMO_WORDS = tuple(dict.fromkeys(PROMPT_WORDS + shapes.WORDS))
 
 
 def bpe_vocab(words, symbols: str = _SYMBOLS, extra=()):
@@ -100,11 +100,11 @@ def bpe_vocab(words, symbols: str = _SYMBOLS, extra=()):
     return vocab, merges
 
 
-def demo_tokenizer(model_max_length: int = 77, words=_WORDS):
+def demo_tokenizer(model_max_length: int = 77, words=PROMPT_WORDS):
     """A CLIP tokenizer over a small vocabulary (``words`` merged to single tokens;
     unknown characters become ``<|endoftext|>``, as in CLIP). Its files are written to a
     temporary folder, read, and the folder is removed."""
-    from .clip import quiet_transformers
+    from .models.clip import quiet_transformers
 
     CLIPTokenizer = quiet_transformers().CLIPTokenizer
     vocab, merges = bpe_vocab(words)
@@ -118,16 +118,9 @@ def demo_tokenizer(model_max_length: int = 77, words=_WORDS):
 
 def build_demo_pipeline(dtype=jnp.float32, seed: int = 0, scheduler=None,
                         attention: str = "auto", path=None):
-    """The trained demo pipeline, loaded from the package's ``assets/demo`` folder (or
-    ``path``, e.g. a folder written by ``retom-jax train --demo``). ``scheduler``: None
-    (PLMS as in SD 1.5), a name (``"ddim"``, ``"dpm++2m"`` ...) or a scheduler. ``seed``
-    is accepted for compatibility and unused (the weights are trained, not drawn)."""
-    from .pipeline import load_pipeline
-
-    dtype = parse_dtype(dtype)
-    folder = Path(path) if path is not None else DEMO_ASSETS
-    if not (folder / "model_index.json").is_file():
-        raise CheckpointError(
-            f"the demo model's weights are missing from {folder}: reinstall retom-jax, or "
-            f"make them with 'retom-jax train --demo --out {folder}'")
-    return load_pipeline(folder, dtype, scheduler=scheduler, attention=attention)
+    """The trained demo pipeline: ``load_pipeline("demo", ...)`` (or ``path``, e.g. a folder
+    written by ``retom-jax train --demo``). ``scheduler``: None (PLMS as in SD 1.5), a name
+    (``"ddim"``, ``"dpm++2m"`` ...) or a scheduler. ``seed`` is accepted for compatibility
+    and unused (the weights are trained, not drawn)."""
+    return load_pipeline("demo" if path is None else Path(path), parse_dtype(dtype),
+                         scheduler=scheduler, attention=attention)

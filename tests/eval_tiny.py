@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from retom_jax.demo import _WORDS, bpe_vocab
+from retom_jax.demo import PROMPT_WORDS, bpe_vocab
 from retom_jax.demo import build_demo_pipeline as _build_demo  # before any patching
 
 CLIP_IMAGE = 30
@@ -18,7 +18,7 @@ def save_tiny_clip(folder, seed=0, vision_only=False):
     from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer,
                               CLIPVisionConfig, CLIPVisionModelWithProjection)
 
-    vocab, merges = bpe_vocab(_WORDS)
+    vocab, merges = bpe_vocab(PROMPT_WORDS)
     eos, bos = vocab["<|endoftext|>"], vocab["<|startoftext|>"]
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                               num_attention_heads=4, image_size=CLIP_IMAGE, patch_size=6,

@@ -116,7 +116,7 @@ def save_sdxl(folder: Path):
 def saved_pipeline(tmp_path_factory, name: str, save):
     """``(torch pipeline, our pipeline, folder)``: a tiny pipeline written by ``save``
     (``save_sd`` / ``save_sd2`` / ``save_sdxl``) and loaded back with ``load_pipeline``."""
-    from retom_jax.pipeline import load_pipeline
+    from retom_jax.pipelines.loading import load_pipeline
 
     folder = tmp_path_factory.mktemp(name)
     torch_pipe = save(folder)

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from jax.experimental.pallas import tpu as pltpu
 
-from retom_jax import attention
-from retom_jax.attention import (check_implementation, cudnn_supports, dot_product_attention,
-                                 resolve_implementation, splash_block_size, xla_chunk_size)
+from retom_jax.models import attention
+from retom_jax.models.attention import check_implementation, cudnn_supports, dot_product_attention, resolve_implementation, splash_block_size, xla_chunk_size
 from tests.util import rel_err
 
 

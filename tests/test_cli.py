@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import retom_jax.pipeline
+import retom_jax.cli.generate
+import retom_jax.pipelines
 from retom_jax import ReToM
 from retom_jax.cli import main
 from tests.pipeline_helpers import save_sd
@@ -23,14 +24,14 @@ def spy(monkeypatch):
     """Records the arguments of the CLI's load_pipeline calls and the pipelines really
     loaded (a call with the same arguments as an earlier one gets the same pipeline)."""
     calls = []
-    real = retom_jax.pipeline.load_pipeline
+    real = retom_jax.pipelines.load_pipeline
 
     def load(*args, **kwargs):
         done = [p for a, k, p in calls if (a, k) == (args, kwargs)]
         calls.append((args, kwargs, done[0] if done else real(*args, **kwargs)))
         return calls[-1][2]
 
-    monkeypatch.setattr(retom_jax.pipeline, "load_pipeline", load)
+    monkeypatch.setattr(retom_jax.cli.generate, "load_pipeline", load)
     return calls
 
 

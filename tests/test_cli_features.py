@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
-import retom_jax.pipeline
+import retom_jax.cli.generate
+import retom_jax.pipelines
 from retom_jax.cli import main
 from tests.pipeline_helpers import save_sd
 
@@ -32,8 +33,8 @@ def test_img2img_lora_options(files, tmp_path, capsys, monkeypatch):
     program)."""
     folder, image, lora = files
     loaded = []
-    real = retom_jax.pipeline.load_pipeline
-    monkeypatch.setattr(retom_jax.pipeline, "load_pipeline",
+    real = retom_jax.pipelines.load_pipeline
+    monkeypatch.setattr(retom_jax.cli.generate, "load_pipeline",
                         lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
     out = tmp_path / "i2i.png"
     assert main(["generate", "--model", str(folder), "--prompt", "the cat", "--steps", "4",

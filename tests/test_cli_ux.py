@@ -19,13 +19,16 @@ import numpy as np
 import pytest
 
 import retom_jax
-import retom_jax.memory
-import retom_jax.pipeline
+import retom_jax.pipelines.memory
+import retom_jax.cli.generate
+import retom_jax.pipelines
 from retom_jax import ReToM, load_pipeline
-from retom_jax.cli import build_parser, main
+from retom_jax.cli import build_parser
+from retom_jax.cli import main
 from retom_jax.demo import build_demo_pipeline
-from retom_jax.pipeline import _Pipeline, seed_key
-from retom_jax.weights import CheckpointError
+from retom_jax.pipelines.base import Pipeline
+from retom_jax.pipelines.request import seed_key
+from retom_jax.models.weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ["generate", "--model", "demo", "--prompt", "a photo of a cat"]
@@ -50,7 +53,7 @@ def events(monkeypatch, demo):
     """The CLI loads the shared demo pipeline; every compile, model load and progress-bar
     event is recorded in order."""
     log = []
-    real_exec = _Pipeline._executable
+    real_exec = Pipeline._executable
 
     def executable(self, name, static, *args):
         before = self.compile_count
@@ -60,7 +63,7 @@ def events(monkeypatch, demo):
             if self.compile_count > before:
                 log.append(("compile", name))
 
-    class Bar(retom_jax.pipeline._Bar):
+    class Bar(retom_jax.pipelines.request.StepBar):
         def __init__(self, total, desc):
             log.append(("bar", total))
             super().__init__(total, desc)
@@ -75,10 +78,10 @@ def events(monkeypatch, demo):
             return demo
         return real_load(path, *a, **k)
 
-    real_load = retom_jax.pipeline.load_pipeline
-    monkeypatch.setattr(_Pipeline, "_executable", executable)
-    monkeypatch.setattr(retom_jax.pipeline, "_Bar", Bar)
-    monkeypatch.setattr(retom_jax.pipeline, "load_pipeline", load)
+    real_load = retom_jax.pipelines.load_pipeline
+    monkeypatch.setattr(Pipeline, "_executable", executable)
+    monkeypatch.setattr(retom_jax.pipelines.base, "StepBar", Bar)
+    monkeypatch.setattr(retom_jax.cli.generate, "load_pipeline", load)
     return log
 
 
@@ -194,7 +197,7 @@ def test_retom_steps_that_never_come(extra, message, events, capsys):
     assert [e[0] for e in events] == ["load"]  # nothing compiled
     # the last values that do take effect pass (PLMS: 6 UNet calls for 5 steps)
     for merge in (ReToM(cache_step=4), ReToM(schedule={5: (4, 4)})):
-        retom_jax.pipeline._check_merge_steps(merge, 6, 5)
+        retom_jax.pipelines.request.check_merge_steps(merge, 6, 5)
 
 
 def test_unet_cache_step_needs_merge_state(demo, monkeypatch):
@@ -245,7 +248,8 @@ def test_load_pipeline_demo(demo):
     same = load_pipeline("demo")
     for a, b in zip(jax.tree.leaves(same.unet.params), jax.tree.leaves(demo.unet.params)):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="variant apply to checkpoint folders"):
+    # "demo" is a folder like any other: it has no .fp16 variant files
+    with pytest.raises(ValueError, match="expected diffusion_pytorch_model.fp16"):
         load_pipeline("demo", variant="fp16")
 
 
@@ -366,7 +370,7 @@ def test_one_line_errors(capsys, events, tmp_path):
 def test_memory_check(events, capsys, monkeypatch, demo):
     """With 1 MiB of free memory the demo's sampling program (about 15 MB of XLA
     temporaries at 64x64) is refused after compiling, with what fits, and never runs."""
-    monkeypatch.setattr(retom_jax.memory, "available_bytes", lambda device: 2 ** 20)
+    monkeypatch.setattr(retom_jax.pipelines.memory, "available_bytes", lambda device: 2 ** 20)
     calls = []
     monkeypatch.setattr(type(demo), "__call__", lambda *a, **k: calls.append(a))
     fails(capsys, DEMO + ["--steps", "2", "--num-images", "2"],
@@ -393,12 +397,12 @@ def test_memory_message_sizes(monkeypatch):
             return {"bytes_limit": 4 * 2 ** 30, "bytes_in_use": 2 ** 30}
 
     with pytest.raises(ValueError) as e:
-        retom_jax.memory.check_fits(Compiled(), Device(), batch=4, height=1024, width=768)
+        retom_jax.pipelines.memory.check_fits(Compiled(), Device(), batch=4, height=1024, width=768)
     assert str(e.value).startswith(
         "4 image(s) at 1024x768 need 8.0 GiB to sample but the GPU has 3.0 GiB of free "
         "memory: at most 624x464 fits for 4 image(s), or 1 image(s) at 1024x768")
     monkeypatch.setenv("RETOM_JAX_MEMORY_CHECK", "0")
-    retom_jax.memory.check_fits(Compiled(), Device(), batch=4, height=1024, width=768)
+    retom_jax.pipelines.memory.check_fits(Compiled(), Device(), batch=4, height=1024, width=768)
 
 
 # -- 7. the demo model saved as a diffusers folder -----------------------------------------
@@ -410,7 +414,7 @@ def test_save_demo_pipeline(demo, tmp_path):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from retom_jax.save import save_pipeline
+    from retom_jax.pipelines.save import save_pipeline
 
     folder = save_pipeline(demo, tmp_path / "demo-sd")
     back = load_pipeline(folder)

@@ -15,10 +15,9 @@ from transformers import CLIPTextModel as TorchCLIPTextModel
 from transformers import CLIPTextModelWithProjection as TorchCLIPTextModelWithProjection
 from transformers import CLIPTokenizer
 
-from retom_jax.clip import (TextEncoder, TextEncoderConfig, TextEncoderOutput,
-                            load_text_encoder, load_tokenizer, tokenize)
+from retom_jax.models.clip import TextEncoder, TextEncoderConfig, TextEncoderOutput, load_text_encoder, load_tokenizer, tokenize
 from retom_jax.demo import bpe_vocab
-from retom_jax.weights import CheckpointError
+from retom_jax.models.weights import CheckpointError
 from tests.util import check_bound, rel_err, to_numpy
 
 TOL = 3e-6  # float32: measured ~2.5e-7

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from retom_jax.eval.clip_vision import DEFAULT_CLIP, ImageProcessor, clip_scores, clip_score, load_clip
-from retom_jax.weights import CheckpointError
+from retom_jax.models.weights import CheckpointError
 from tests.eval_tiny import CLIP_IMAGE, save_tiny_clip
 from tests.util import rel_err, to_numpy
 

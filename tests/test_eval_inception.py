@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retom_jax.eval.inception import (FID_WEIGHTS, InceptionError, load_inception,
-                                      resize_bilinear)
+from retom_jax.eval.inception import FID_WEIGHTS, InceptionError, load_inception, resize_bilinear
 from retom_jax.eval.torch_pickle import TorchFileError, load_torch_file
 from tests.eval_tiny import random_inception
 from tests.util import rel_err, to_numpy

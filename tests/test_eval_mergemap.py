@@ -7,7 +7,7 @@ from PIL import Image
 
 from retom_jax.cli import main
 from retom_jax.eval.mergemap import merge_map, render_merge_map
-from retom_jax.merge import ReToM, ToDo
+from retom_jax.merge.methods import ReToM, ToDo
 from tests.eval_tiny import shared_demo_pipeline
 
 STEPS = 3

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from retom_jax.cli import build_parser, main
+from retom_jax.cli import build_parser
+from retom_jax.cli import main
 from retom_jax.eval.prompts import builtin_prompts, read_prompts
 from retom_jax.eval.run import generate_images, markdown_table, measure, run_list
 from tests.eval_tiny import random_inception, save_tiny_clip, shared_demo_pipeline
@@ -109,13 +110,13 @@ class FakePipe:
     def __call__(self, prompt, seed, merge, **kw):
         from PIL import Image
 
-        from retom_jax.pipeline import PipelineOutput
+        from retom_jax.pipelines.request import PipelineOutput
         self.calls.append((prompt, seed, merge))
         return PipelineOutput([Image.new("RGB", (8, 8), (seed, 0, 0))], 1.0, 0.25)
 
 
 def test_generation_resumes_where_it_stopped(tmp_path):
-    from retom_jax.merge import ReToM, ToMe
+    from retom_jax.merge.methods import ReToM, ToMe
 
     args = build_parser().parse_args(["eval", "--model", "demo", "--prompts", "builtin",
                                       "--num-prompts", "2", "--methods", "tome,retom",

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from retom_jax.clip import load_text_encoder
-from retom_jax.lora import (LoraError, diffusers_keys, kohya_name, load_lora_into,
-                            parse_lora_key, parse_lora_spec, read_lora)
+from retom_jax.models.clip import load_text_encoder
+from retom_jax.models.lora import LoraError, diffusers_keys, kohya_name, load_lora_into, parse_lora_key, parse_lora_spec, read_lora
 from tests.pipeline_helpers import text_encoder
 
 
@@ -207,8 +206,8 @@ def test_kohya_sgm_block_names(tmp_path):
 
     from flax import nnx
 
-    from retom_jax.lora import fuse_lora, module_table, sgm_to_diffusers
-    from retom_jax.unet import load_unet
+    from retom_jax.models.lora import fuse_lora, module_table, sgm_to_diffusers
+    from retom_jax.models.unet import load_unet
     from tests.tiny import FAMILIES, torch_unet
 
     torch_unet(FAMILIES["sdxl"], seed=1).save_pretrained(tmp_path / "unet")

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from tomesd import merge as tomesd_merge
 
-from retom_jax.merge import ReToM, ToDo, ToMe, grid_for, loop_segments
+from retom_jax.merge.methods import ReToM, ToDo, ToMe
+from retom_jax.merge.interface import grid_for, loop_segments
 from tests.util import rel_err
 
 

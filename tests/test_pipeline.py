@@ -19,8 +19,8 @@ import pytest
 import tomesd
 
 from retom_jax import CheckpointError, ReToM, ToDo, ToMe
-from retom_jax.pipeline import (StableDiffusionPipeline, StableDiffusionXLPipeline,
-                                load_pipeline)
+from retom_jax.pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionXLPipeline
+from retom_jax.pipelines.loading import load_pipeline
 from tests.pipeline_helpers import (feed_ancestral_noise, latents_for, reference, step_keys,
                                     with_torch_scheduler)
 from tests.pipeline_helpers import sd, sd2, sdxl  # noqa: F401 - module-scoped fixtures

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from retom_jax import ToMe
-from retom_jax.features import img2img_keys, step_keys
-from retom_jax.pipeline import load_pipeline
+from retom_jax.pipelines.options import img2img_keys, step_keys
+from retom_jax.pipelines.loading import load_pipeline
 from tests.pipeline_helpers import latents_for, reference
 from tests.pipeline_helpers import sd, sdxl  # noqa: F401 - module-scoped fixtures
 from tests.util import rel_err

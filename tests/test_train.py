@@ -13,9 +13,11 @@ import torch.nn.functional as F
 
 from retom_jax import ReToM, ToMe, load_unet
 from retom_jax import shapes
-from retom_jax.lora import read_lora
-from retom_jax.train import (TrainConfig, Trainer, TrainError, init_lora, save_checkpoint,
-                             torch_state_dict, train)
+from retom_jax.models.lora import read_lora
+from retom_jax.train.trainer import TrainConfig, Trainer, TrainError, init_lora
+from retom_jax.train.checkpoints import save_checkpoint
+from retom_jax.pipelines.save import torch_state_dict
+from retom_jax.train.loop import train
 from tests.pipeline_helpers import SD_SCHEDULER, latents_for, reference, save_sd
 from tests.tiny import FAMILIES, torch_unet
 from tests.util import check_bound, rel_err
@@ -175,7 +177,7 @@ def test_sdxl_training_data_path(tiny_sdxl, tmp_path):
     from PIL import Image
 
     from retom_jax.cli import main
-    from retom_jax.pipeline import load_pipeline
+    from retom_jax.pipelines.loading import load_pipeline
 
     folder, torch_pipe = tiny_sdxl
     data = tmp_path / "data"
@@ -310,7 +312,7 @@ def test_cli_lora_loads_in_diffusers(tiny_sd, four_images, tmp_path, capsys):
     """`retom-jax train --lora-rank` with ReToM on: the file it writes loads in diffusers,
     and diffusers' pipeline with it equals ours with it."""
     from retom_jax.cli import main
-    from retom_jax.pipeline import load_pipeline
+    from retom_jax.pipelines.loading import load_pipeline
 
     folder, torch_pipe = tiny_sd
     out = tmp_path / "lora"
@@ -466,7 +468,7 @@ def test_demo_recipe_runs(tmp_path):
     take ~20 minutes): every stage runs, the log and loss curve are written, the work
     folder is removed, and the folder loads as a demo pipeline that generates."""
     from retom_jax.demo import build_demo_pipeline
-    from retom_jax.demo_train import train_demo
+    from retom_jax.train.demo import train_demo
 
     out = train_demo(tmp_path / "demo", images=16, text_steps=40, vae_steps=2, unet_steps=3,
                      batch=4)

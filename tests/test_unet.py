@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 from retom_jax import CheckpointError
-from retom_jax.unet import UNetConfig, load_unet
+from retom_jax.models.unet import UNetConfig, load_unet
 from tests.tiny import FAMILIES, SDXL_TEXT_EMBEDS, torch_unet
 from tests.util import assert_close, rel_err
 

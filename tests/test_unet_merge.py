@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from retom_jax import ReToM, ToDo, ToMe, load_unet
-from retom_jax.merge import BlockMerge, MergeMethod, plan_functions, tome_plan
+from retom_jax.merge.interface import BlockMerge, MergeMethod
+from retom_jax.merge.algorithms import plan_functions, tome_plan
 from tests.test_unet import inputs, torch_out
 from tests.tiny import FAMILIES, torch_unet
 from tests.test_merge import closure_vars
@@ -110,7 +111,7 @@ def test_tome_random_equals_tomesd(models, monkeypatch, name, ratio, max_downsam
 def test_tome_blocks_draw_distinct_destinations():
     """Each transformer block of a UNet call draws its own destinations from the call's key
     (the same draw everywhere would merge the same cells in every block)."""
-    from retom_jax.unet import MergeContext
+    from retom_jax.models.unet import MergeContext
 
     x = jnp.asarray(np.random.RandomState(0).randn(2, 64, 8), jnp.float32)
     blocks = [object() for _ in range(5)]

@@ -13,8 +13,8 @@ from flax import nnx
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from safetensors.numpy import load_file, save_file
 
-from retom_jax.vae import VAE, DiagonalGaussian, VAEConfig, load_vae
-from retom_jax.weights import CheckpointError
+from retom_jax.models.vae import VAE, DiagonalGaussian, VAEConfig, load_vae
+from retom_jax.models.weights import CheckpointError
 from tests.util import assert_close, rel_err, to_numpy
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"

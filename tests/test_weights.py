@@ -9,12 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from retom_jax.clip import TextEncoderConfig
+from retom_jax.models.clip import TextEncoderConfig
 from retom_jax.eval.clip_vision import VisionConfig
-from retom_jax.unet import UNetConfig
-from retom_jax.vae import VAEConfig
-from retom_jax.weights import (CheckpointError, StoredTensor, open_safetensors,
-                               read_safetensors, read_safetensors_metadata)
+from retom_jax.models.unet import UNetConfig
+from retom_jax.models.vae import VAEConfig
+from retom_jax.models.weights import CheckpointError, StoredTensor, open_safetensors, read_safetensors, read_safetensors_metadata
 
 
 def _signature_defaults(cls) -> dict:

@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 
 import retom_jax as rj  # noqa: E402
 from retom_jax import sharding  # noqa: E402
-from retom_jax.train import TrainConfig, Trainer, TrainError, train  # noqa: E402
+from retom_jax.train.trainer import TrainConfig, Trainer, TrainError
+from retom_jax.train.loop import train  # noqa: E402
 from tests import pipeline_helpers as ph  # noqa: E402
 from tests.tiny import SD1  # noqa: E402
 
@@ -161,8 +162,8 @@ def errors(root, out):
         "compiles": trainer.compile_count,
     }})
     # the one writer (save.py) gathers a model split over fsdp
-    from retom_jax.save import save_unet
-    from retom_jax.weights import read_safetensors
+    from retom_jax.pipelines.save import save_unet
+    from retom_jax.models.weights import read_safetensors
 
     plain = rj.init_unet(SMALL)
     sharded = sharding.shard_params(plain.params, mesh_of("data=4,fsdp=2"))
@@ -183,7 +184,7 @@ def cli_run(root, folder, out):
     import io
 
     from retom_jax import cli, shapes
-    from retom_jax.lora import read_lora
+    from retom_jax.models.lora import read_lora
 
     data = shapes.write_folder(folder / "data", 8, size=32, seed=2)
     common = dict(resolution=32, lora_rank=4, steps=2, batch_size=8, learning_rate=0.05)

@@ -25,12 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..attention import check_implementation
-from ..clip import (MODEL_CLASSES, CLIPEncoder, TextEncoder, TextEncoderConfig,
-                    check_encoder_fields, load_tokenizer, tokenize)
-from ..layers import layer_norm, linear
-from ..weights import (CheckpointError, LoadedModel, cached_snapshot, config_errors,
-                       config_fields, load_module, parse_dtype, read_config, read_json)
+from ..models.attention import check_implementation
+from ..models.clip import MODEL_CLASSES, CLIPEncoder, TextEncoder, TextEncoderConfig, check_encoder_fields, load_tokenizer, tokenize
+from ..models.layers import layer_norm, linear
+from ..models.weights import CheckpointError, LoadedModel, cached_snapshot, config_errors, config_fields, load_module, parse_dtype, read_config, read_json
 
 __all__ = ["VisionConfig", "CLIPVisionModelWithProjection", "ImageEncoder", "CLIP",
            "ImageProcessor", "load_clip", "clip_scores", "clip_score"]

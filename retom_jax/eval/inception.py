@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..weights import key_mismatch
+from ..models.weights import key_mismatch
 from .torch_pickle import TorchFileError, load_torch_file
 
 __all__ = ["InceptionError", "FID_WEIGHTS", "load_inception", "inception_features",

@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..features import img2img_start
-from ..merge import ReToM, ToMe, _window_tables, level_of
+from ..pipelines.options import img2img_start
+from ..merge.methods import ReToM, ToMe
+from ..merge.algorithms import window_tables
+from ..merge.interface import level_of
 
 __all__ = ["MergeMap", "merge_map", "render_merge_map", "add_merge_map_arguments"]
 
@@ -125,7 +127,7 @@ def _plan_slots(cfg, record, batch_row):
                                                 downsample=d)
         else:
             merge, unmerge = cfg.plan(metric, hw, downsample=d)
-        win_pos, _ = _window_tables(hw, cfg.window_for(d))
+        win_pos, _ = window_tables(hw, cfg.window_for(d))
         use_cache = cache is not None and bool(payload["use_cache"])
         if use_cache and cfg.cache == "plan":
             rep_pos = np.asarray(cache["plan"].out_pos)[:, -win_pos.shape[0]:]

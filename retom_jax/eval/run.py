@@ -19,11 +19,11 @@ is always made: PSNR and SSIM compare every other run with it image by image, an
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
 
+from ..cli.options import merge_from_args
 from ..progress import Progress
 
 METHODS = ("none", "tome", "retom", "todo")
@@ -32,85 +32,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # ----------------------------------------------------------------------------- parsing
-
-def _methods(text):
-    items = [t.strip().lower() for t in text.split(",") if t.strip()]
-    bad = [t for t in items if t not in METHODS]
-    if not items or bad:
-        raise argparse.ArgumentTypeError(
-            f"expected a comma-separated list of {', '.join(METHODS)}, got {text!r}")
-    return tuple(dict.fromkeys(items))
-
-
-def _ratios(text):
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        values = []
-    if not values or not all(0.0 < v < 1.0 for v in values):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated ratios in (0, 1) like 0.3,0.5, got {text!r}")
-    return tuple(dict.fromkeys(values))
-
-
-def add_eval_parser(sub) -> argparse.ArgumentParser:
-    """Register ``retom-jax eval`` on the CLI's subparsers."""
-    from ..cli import DTYPES, _mesh, _non_negative_int, _positive_int, _window
-
-    e = sub.add_parser(
-        "eval", help="measure what merging costs in image quality",
-        description="Generate images for every merging method and ratio from the same seeds "
-                    "and measure CLIP score, CMMD (--clip), FID (--inception), and PSNR/SSIM "
-                    "against the unmerged images, with the seconds per image. Resumable: "
-                    "images already in --out are kept. Nothing is ever downloaded.")
-    e.add_argument("--model", required=True, help="pipeline folder, cached repo id, or 'demo'")
-    e.add_argument("--prompts", default="builtin",
-                   help="a text file with one prompt per line, or 'builtin' (100 ImageNet "
-                        "class prompts; default)")
-    e.add_argument("--num-prompts", type=_positive_int, default=None,
-                   help="use only the first N prompts")
-    e.add_argument("--methods", type=_methods, default=("none", "tome", "retom"),
-                   help="comma-separated: none, tome, retom, todo (none,tome,retom); "
-                        "'none' is always made")
-    e.add_argument("--ratios", type=_ratios, default=(0.3, 0.5),
-                   help="merge ratios for tome and retom (0.3,0.5)")
-    e.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (50)")
-    e.add_argument("--seeds", type=_positive_int, default=1,
-                   help="images per prompt, seeds 0..N-1 (1)")
-    e.add_argument("--guidance", type=float, default=None,
-                   help="guidance scale (default: the model's, 7.5; the demo model's 3)")
-    e.add_argument("--height", type=_positive_int, default=None)
-    e.add_argument("--width", type=_positive_int, default=None)
-    e.add_argument("--scheduler", default=None, help="scheduler name (default: the model's)")
-    e.add_argument("--dtype", choices=DTYPES, default="float32")
-    e.add_argument("--window", type=_window, default=(2, 2),
-                   help="retom window / tome cell (2x2)")
-    e.add_argument("--matching", choices=("local", "global"), default="local")
-    e.add_argument("--cache-step", type=_non_negative_int, default=None,
-                   help="retom: reuse the representatives chosen at this step")
-    e.add_argument("--max-downsample", type=_positive_int, default=None,
-                   help="merge at UNet levels downsampled at most this much (default: the "
-                        "first attention level)")
-    e.add_argument("--todo-factor", type=_positive_int, default=2)
-    e.add_argument("--clip", default=None,
-                   help="CLIP model for CLIP score and CMMD: a local transformers CLIPModel "
-                        "folder or a cached repo id (e.g. openai/clip-vit-large-patch14)")
-    e.add_argument("--inception", default=None,
-                   help="pytorch-fid's weight file pt_inception-2015-12-05-6726825d.pth (FID)")
-    e.add_argument("--reference", default=None,
-                   help="folder of reference images for FID and CMMD (default: the "
-                        "unmerged images)")
-    e.add_argument("--batch-size", type=_positive_int, default=16,
-                   help="images per metric batch (16)")
-    e.add_argument("--mesh", type=_mesh, default=None, metavar="AXIS=N,...",
-                   help="run on a device mesh, e.g. data=4,fsdp=2: each image's sampling "
-                        "program and the CLIP / Inception batches split over data and fsdp "
-                        "(--batch-size a multiple of both), the models placed by the sharding "
-                        "rules; data takes the devices left")
-    e.add_argument("--out", required=True, help="output folder")
-    e.set_defaults(handler=run_eval, subparser=e)
-    return e
-
 
 # ----------------------------------------------------------------------------- runs
 
@@ -128,16 +49,6 @@ def run_tag(method: str, ratio) -> str:
     return method if ratio is None else f"{method}-{ratio:g}"
 
 
-def _merge_for(args, method, ratio, first_level):
-    from ..cli import make_merge
-
-    ns = argparse.Namespace(merge=method, ratio=ratio if ratio is not None else 0.5,
-                            window=args.window, matching=args.matching,
-                            cache_step=args.cache_step, window_schedule=(),
-                            todo_factor=args.todo_factor, max_downsample=args.max_downsample)
-    return make_merge(ns, first_level)
-
-
 def _load_json(path: Path, default):
     if not path.is_file():
         return default
@@ -147,7 +58,7 @@ def _load_json(path: Path, default):
         return default
 
 
-def _write_json(path: Path, value):
+def write_json(path: Path, value):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2) + "\n")
     os.replace(tmp, path)
@@ -181,7 +92,7 @@ def check_generation(args, prompts, out: Path) -> dict:
 
 def generate_images(pipe, args, prompts, runs, out: Path, log=print) -> dict:
     """Make the missing images; returns ``{run tag: [seconds per image, ...]}``."""
-    _write_json(out / "generation.json", check_generation(args, prompts, out))
+    write_json(out / "generation.json", check_generation(args, prompts, out))
     first_level = min(pipe.unet.config.attention_downsamples(), default=1)
     timings_path = out / "timings.json"
     timings = _load_json(timings_path, {})
@@ -201,7 +112,7 @@ def generate_images(pipe, args, prompts, runs, out: Path, log=print) -> dict:
     merges = {}
     for method, ratio, tag, p, seed, path in todo:
         if tag not in merges:
-            merges[tag] = _merge_for(args, method, ratio, first_level)
+            merges[tag] = merge_from_args(args, first_level, method, ratio)
         result = pipe(prompts[p], num_inference_steps=args.steps,
                       guidance_scale=args.guidance, height=args.height, width=args.width,
                       seed=seed, merge=merges[tag], output_type="pil")
@@ -210,7 +121,7 @@ def generate_images(pipe, args, prompts, runs, out: Path, log=print) -> dict:
         result.images[0].save(tmp)
         os.replace(tmp, path)
         timings.setdefault(tag, {})[path.name] = result.run_seconds
-        _write_json(timings_path, timings)
+        write_json(timings_path, timings)
         bar.update(what=f"{tag} {path.stem}")
     if bar is not None:
         bar.close()
@@ -239,7 +150,7 @@ def _read_images(paths, size=None) -> "np.ndarray":
     return np.stack(out)
 
 
-def _reference_paths(folder: str) -> list[Path]:
+def reference_paths(folder: str) -> list[Path]:
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ValueError(f"--reference {folder!r}: no such folder")
@@ -298,7 +209,7 @@ def measure(args, prompts, runs, out: Path, timings: dict, clip=None, inception=
 
     reference = None
     if args.reference and (clip is not None or inception is not None):
-        reference = features(_reference_paths(args.reference), fit=True)
+        reference = features(reference_paths(args.reference), fit=True)
     rows = []
     for method, ratio in runs:
         tag = run_tag(method, ratio)
@@ -370,97 +281,3 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- command
-
-def run_eval(args, parser) -> int:
-    import jax.numpy as jnp
-
-    from ..weights import CheckpointError
-    from .clip_vision import load_clip
-    from .inception import InceptionError, load_inception
-    from .prompts import read_prompts
-
-    try:
-        prompts = read_prompts(args.prompts)
-        if args.num_prompts:
-            prompts = prompts[:args.num_prompts]
-        runs = run_list(args.methods, args.ratios)
-        for method, ratio in runs:  # bad merge options fail here, before any model
-            _merge_for(args, method, ratio, 1)
-        n_images = len(prompts) * args.seeds
-        if (args.inception or args.clip) and n_images < 2 and not args.reference:
-            raise ValueError(f"FID and CMMD need at least 2 images per run; {len(prompts)} "
-                             f"prompt(s) x {args.seeds} seed(s) make {n_images}")
-        if args.reference:
-            _reference_paths(args.reference)
-        if args.guidance is None:  # the model's default, recorded as the number used
-            from ..pipeline import default_guidance_scale
-
-            args.guidance = default_guidance_scale(args.model)
-        check_generation(args, prompts, Path(args.out))
-        mesh = None
-        if args.mesh is not None:
-            from ..sharding import batch_shards, make_mesh
-
-            mesh = make_mesh(**{"data": -1, **args.mesh})
-            if args.batch_size % batch_shards(mesh):
-                raise ValueError(f"--batch-size {args.batch_size} does not divide over the "
-                                 f"mesh's data x fsdp = {batch_shards(mesh)} devices: use a "
-                                 f"multiple of {batch_shards(mesh)}")
-    except ValueError as e:
-        parser.error(str(e))
-    # The metric models load first, so that a missing file fails before hours of sampling.
-    clip = inception = None
-    try:
-        if args.clip:
-            clip = load_clip(args.clip)
-            print(f"CLIP: {clip.vision}" + ("" if clip.text is not None else
-                                             " (image tower only: no CLIP score)"))
-        if args.inception:
-            inception = load_inception(args.inception)
-            print(f"FID: {inception}")
-        if args.model == "demo":
-            from ..demo import DEMO_NOTICE, build_demo_pipeline
-
-            print(DEMO_NOTICE)
-            pipe = build_demo_pipeline(jnp.dtype(args.dtype), scheduler=args.scheduler)
-            if mesh is not None:
-                pipe.shard(mesh)
-        else:
-            from ..pipeline import load_pipeline
-
-            pipe = load_pipeline(args.model, jnp.dtype(args.dtype), scheduler=args.scheduler,
-                                 mesh=mesh)
-        if mesh is not None:
-            from .metrics import shard_models
-
-            shard_models(mesh, clip, inception)
-            print(f"mesh {dict(mesh.shape)} over {mesh.size} devices")
-    except (CheckpointError, InceptionError) as e:
-        parser.error(str(e))
-    except ValueError as e:
-        parser.error(str(e))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        timings = generate_images(pipe, args, prompts, runs, out)
-    except ValueError as e:
-        parser.error(str(e))
-    rows = measure(args, prompts, runs, out, timings, clip, inception)
-    settings = {k: getattr(args, k) for k in (
-        "model", "prompts", "num_prompts", "steps", "seeds", "guidance", "height", "width",
-        "scheduler", "dtype", "window", "matching", "cache_step", "max_downsample",
-        "todo_factor", "clip", "inception", "reference")}
-    settings.update(num_prompts=len(prompts), methods=list(args.methods),
-                    mesh=None if mesh is None else dict(mesh.shape),
-                    ratios=list(args.ratios),
-                    reference=args.reference or "the unmerged ('none') images")
-    _write_json(out / "results.json", {"settings": settings, "rows": rows})
-    (out / "results.md").write_text(markdown_table(rows))
-    print(markdown_table(rows), end="")
-    drawn = plot(rows, out / "results.png")
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}"
-          + (f", {out / 'results.png'}" if drawn else ""))
-    if args.model == "demo":
-        print("note: the demo model is a tiny model of coloured shapes: its numbers only show "
-              "the mechanics.")
-    return 0

@@ -22,40 +22,40 @@ ROOT = Path(__file__).resolve().parents[2]
 # name: (file, old text, new text, tests that must fail). Every occurrence is replaced.
 BUGS = {
     "step-key": (
-        "retom_jax/features.py",
+        "retom_jax/pipelines/options.py",
         "return jax.random.split(jax.random.fold_in(key, step))",
         "return jax.random.split(key)",
         ["tests/test_pipeline.py::test_sd_euler_ancestral_matches_diffusers",
          "tests/test_pipeline.py::test_tome_random_matches_tomesd_in_the_pipeline"]),
     "tome-last-cell": (
-        "retom_jax/merge.py",
-        "jax.random.randint(key, (hc, wc), 0, self.sy * self.sx)",
-        "jax.random.randint(key, (hc, wc), 0, self.sy * self.sx - 1)",
+        "retom_jax/merge/algorithms.py",
+        "jax.random.randint(key, (hc, wc), 0, sy * sx)",
+        "jax.random.randint(key, (hc, wc), 0, sy * sx - 1)",
         ["tests/test_merge.py::test_tome_random_destinations_cover_every_cell_position",
          "tests/test_merge.py::test_tome_random_plan_equals_tomesd"]),
     "block-key": (
-        "retom_jax/unet.py",
+        "retom_jax/models/unet.py",
         "jax.random.fold_in(self.key, index)",
         "self.key",
         ["tests/test_unet_merge.py::test_tome_random_equals_tomesd",
          "tests/test_unet_merge.py::test_tome_blocks_draw_distinct_destinations"]),
     "ddim-sample": (
-        "retom_jax/schedulers.py",
+        "retom_jax/schedulers/core.py",
         "return out, (x - alpha * out) / sigma  # \"sample\"",
         "return out, (x - alpha * alpha * out) / sigma  # \"sample\"",
         ["tests/test_schedulers.py::test_trajectory_matches_diffusers[ddim-sample]"]),
     "dpm-15": (
-        "retom_jax/schedulers.py",
+        "retom_jax/schedulers/sigma.py",
         "self.lower_order_final and n < 15",
         "self.lower_order_final and n <= 15",
         ["tests/test_schedulers.py::test_trajectory_matches_diffusers[dpm-sigmamin-15]"]),
     "bf16-merge": (
-        "retom_jax/merge.py",
+        "retom_jax/merge/algorithms.py",
         "        acc_dtype = jnp.promote_types(x.dtype, jnp.float32)\n        acc = _take(",
         "        acc_dtype = x.dtype\n        acc = _take(",
         ["tests/test_merge.py::test_bf16_merge_sums_in_float32"]),
     "eps": (
-        "retom_jax/unet.py",
+        "retom_jax/models/unet.py",
         "layer_norm(dim, 1e-5, **kw)",
         "layer_norm(dim, 1e-6, **kw)",
         ["tests/test_unet.py::test_norm_eps_match_diffusers",

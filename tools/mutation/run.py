@@ -47,8 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from planted import copy_tree  # noqa: E402  (one tree copier for both tools)
 
 PIPELINE_FUNCTIONS = ("_body", "_sample", "_start", "_noise", "_decode", "_finish",
-                      "_fit_cache", "_init_merge_state", "_interactive", "_merge_at",
-                      "_as_key", "_encode", "_added_cond", "_tokenize", "_zero_negative")
+                      "_fit_cache", "_init_merge_state", "_interactive", "_encode", "_added_cond", "_tokenize", "_zero_negative")
 UNET_PARITY = ["tests/test_unet_merge.py", "tests/test_unet.py", "-k",
                "tomesd or random or distinct or gradient or ratio_zero or (parity_fp32 and "
                "sd1) or eps or small_activations"]
@@ -57,11 +56,11 @@ PIPELINE_TESTS = ["tests/test_pipeline.py", "-k",
 
 # name: (module file, which definitions to mutate (None: the whole module), pytest args)
 TARGETS = {
-    "merge": ("retom_jax/merge.py", None, ["tests/test_merge.py"]),
-    "schedulers": ("retom_jax/schedulers.py", None, ["tests/test_schedulers.py"]),
-    "block": ("retom_jax/unet.py",
+    "merge": ("retom_jax/merge/algorithms.py", None, ["tests/test_merge.py"]),
+    "schedulers": ("retom_jax/schedulers/sigma.py", None, ["tests/test_schedulers.py"]),
+    "block": ("retom_jax/models/unet.py",
               ("MergeContext", "BasicTransformerBlock", "Transformer2DModel"), UNET_PARITY),
-    "pipeline": ("retom_jax/pipeline.py", PIPELINE_FUNCTIONS, PIPELINE_TESTS),
+    "pipeline": ("retom_jax/pipelines/base.py", PIPELINE_FUNCTIONS, PIPELINE_TESTS),
 }
 
 SWAPS = {

@@ -37,8 +37,7 @@ from flax import nnx
 
 from .attention import check_implementation
 from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
-from .weights import (CheckpointError, LoadedModel, config_errors, config_fields, dtypes,
-                      load_module, parse_dtype, read_model_config)
+from .weights import CheckpointError, LoadedModel, config_errors, config_fields, dtypes, load_module, parse_dtype, read_model_config
 
 __all__ = ["VAEConfig", "VAE", "DiagonalGaussian", "AutoencoderKL", "load_vae"]
 

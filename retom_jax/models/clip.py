@@ -34,8 +34,7 @@ from flax import nnx
 
 from .attention import check_implementation, dot_product_attention
 from .layers import layer_norm, linear
-from .weights import (CheckpointError, LoadedModel, cached_snapshot, config_errors,
-                      config_fields, dtypes, load_module, read_model_config)
+from .weights import CheckpointError, LoadedModel, cached_snapshot, config_errors, config_fields, dtypes, load_module, read_model_config
 
 __all__ = [
     "TextEncoderConfig", "TextEncoderOutput", "TextEncoder", "CLIPTextModel",

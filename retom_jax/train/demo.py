@@ -40,10 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import demo, shapes
-from .save import save_params, save_unet
-from .train import (Progress, init_module, TrainConfig, Trainer, TrainState, fingerprint, latest_checkpoint,
-                    load_checkpoint, make_optimizer, plot_losses, run_steps, save_checkpoint)
+from .. import demo, shapes
+from ..pipelines.save import save_params, save_unet
+from ..progress import Progress
+from .trainer import init_module, TrainConfig, Trainer, TrainState, make_optimizer
+from .checkpoints import fingerprint, latest_checkpoint, load_checkpoint, plot_losses, save_checkpoint
+from .loop import run_steps
 
 DEFAULTS = dict(images=4096, text_steps=200, vae_steps=300, unet_steps=6000, batch=12,
                 text_lr=3e-3, vae_lr=2e-3, vae_crop=32, unet_lr=2e-3, kl_weight=1e-5, seed=0)
@@ -74,9 +76,9 @@ def text_encoder_config() -> dict:
 
 
 def build_text_encoder(seed: int):
-    from .clip import TextEncoder, TextEncoderConfig
-    from .clip import build_text_encoder as build
-    from .weights import random_params
+    from ..models.clip import TextEncoder, TextEncoderConfig
+    from ..models.clip import build_text_encoder as build
+    from ..models.weights import random_params
 
     config = TextEncoderConfig.from_dict(text_encoder_config())
     graphdef, params = random_params(lambda rngs: build(config, rngs=rngs), jnp.float32, seed)
@@ -89,7 +91,7 @@ def train_text_encoder(text_encoder, tokenizer, steps: int, lr: float, seed: int
     (a linear head each; cross-entropy, all captions in every step). Returns the losses."""
     import optax
 
-    from .clip import tokenize
+    from ..models.clip import tokenize
 
     names, captions = list(shapes.COLORS), shapes.all_captions()
     ids = jnp.asarray(tokenize(tokenizer, captions))
@@ -132,7 +134,7 @@ def train_text_encoder(text_encoder, tokenizer, steps: int, lr: float, seed: int
 def train_vae(images: np.ndarray, work: Path, steps: int, batch: int, lr: float,
               kl_weight: float, seed: int, crop: int):
     """Train ``demo.DEMO_VAE`` on ``images`` (uint8 NHWC); returns (VAE, losses)."""
-    from .vae import VAE, AutoencoderKL
+    from ..models.vae import VAE, AutoencoderKL
 
     graphdef, params = init_module(lambda rngs: AutoencoderKL(demo.DEMO_VAE, rngs=rngs), seed)
     vae = VAE(demo.DEMO_VAE, graphdef, params, dtype=jnp.float32, param_dtype=jnp.float32)
@@ -194,8 +196,8 @@ def encode_images(vae, images: np.ndarray, chunk: int = 256):
 
 def train_unet(means, stds, states, index, empty, scaling_factor, work: Path, steps: int,
                batch: int, lr: float, seed: int):
-    from .schedulers import from_config
-    from .unet import UNet, UNet2DConditionModel, UNetConfig
+    from ..schedulers import from_config
+    from ..models.unet import UNet, UNet2DConditionModel, UNetConfig
 
     config = UNetConfig.from_dict(demo.DEMO_UNET)
     graphdef, params = init_module(lambda rngs: UNet2DConditionModel(config, rngs=rngs), seed)
@@ -255,7 +257,7 @@ def train_demo(out, work=None, *, images: int = DEFAULTS["images"],
                batch: int = DEFAULTS["batch"], seed: int = DEFAULTS["seed"],
                keep_work: bool = False) -> Path:
     """Train the whole demo model and write it to ``out``; returns ``out``."""
-    from .clip import tokenize
+    from ..models.clip import tokenize
 
     out = Path(out)
     work = Path(work) if work is not None else out / "checkpoints"

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 # Flax parameter name -> PyTorch parameter name.
 RENAME = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
-_ST_DTYPES = {
+ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
     "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
@@ -72,10 +72,10 @@ class StoredTensor:
         view = handle.get_slice(name)
         self._handle, self.name = handle, name
         self.shape = tuple(view.get_shape())
-        if view.get_dtype() not in _ST_DTYPES:
+        if view.get_dtype() not in ST_DTYPES:
             raise CheckpointError(f"tensor {name!r} has dtype {view.get_dtype()}, which "
                                   f"retom-jax does not read")
-        self.dtype = np.dtype(_ST_DTYPES[view.get_dtype()])
+        self.dtype = np.dtype(ST_DTYPES[view.get_dtype()])
 
     @property
     def ndim(self) -> int:
@@ -159,6 +159,23 @@ def read_config(folder) -> dict:
     return read_json(folder, "config.json")
 
 
+# The built-in demo model: a diffusers pipeline folder inside the package. "demo" names it
+# wherever a model folder is named (load_pipeline, load_unet, ...; a folder called demo is
+# "./demo").
+DEMO_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
+
+
+def alias_folder(path_or_repo_id):
+    """``path_or_repo_id`` with the alias "demo" resolved to the demo model's folder."""
+    if str(path_or_repo_id) != "demo":
+        return path_or_repo_id
+    if not (DEMO_ASSETS / "model_index.json").is_file():
+        raise CheckpointError(
+            f"the demo model's weights are missing from {DEMO_ASSETS}: reinstall retom-jax, "
+            f"or make them with 'retom-jax train --demo --out FOLDER' and pass that folder")
+    return DEMO_ASSETS
+
+
 def cached_snapshot(repo_id: str, what: str = "local folder") -> Path:
     """The local Hugging Face cache's snapshot of ``repo_id``; never touches the network."""
     repo_id = str(repo_id)
@@ -179,8 +196,9 @@ def cached_snapshot(repo_id: str, what: str = "local folder") -> Path:
 
 def resolve_folder(path_or_repo_id, subfolder: str | None = None) -> Path:
     """A local model folder: ``path`` itself, ``path/subfolder`` for a pipeline folder, or
-    a Hugging Face repo id found in the local cache. Never touches the network."""
-    path = Path(os.path.expanduser(str(path_or_repo_id)))
+    a Hugging Face repo id found in the local cache ("demo": the built-in demo model).
+    Never touches the network."""
+    path = Path(os.path.expanduser(str(alias_folder(path_or_repo_id))))
     if path.is_dir():
         if (path / "config.json").is_file():
             return path
@@ -242,7 +260,7 @@ def load_module(folder, build: Callable[[KeySource], nnx.Module], param_dtype, *
     (``{stem}[.variant].safetensors``, sharded or not; ``convert`` renames keys). With a
     ``mesh`` each parameter is placed by ``sharding.param_placement`` and each device
     reads only its part of the file."""
-    from .sharding import param_placement
+    from ..sharding import param_placement
 
     state = read_state_dict(folder, stem, variant)
     if convert is not None:

@@ -38,8 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .weights import (CheckpointError, read_safetensors, read_safetensors_metadata,
-                      to_flax_layout, torch_key)
+from .weights import CheckpointError, read_safetensors, read_safetensors_metadata, to_flax_layout, torch_key
 
 __all__ = ["LoraError", "LoraLayer", "LoraFile", "COMPONENTS", "KOHYA_PREFIXES",
            "parse_lora_key", "kohya_name", "diffusers_keys", "sgm_to_diffusers", "module_table", "lora_delta",

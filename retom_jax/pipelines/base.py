@@ -38,204 +38,28 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import sys
 import time
-from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import features, sharding, weights
-from .clip import load_text_encoder, load_tokenizer, tokenize
+from . import options as features
+from .. import sharding
+from . import mesh as placement
 from .memory import check_fits
-from .merge import MergeMethod, _is_int, loop_segments
-from .schedulers import from_config as scheduler_from_config
-from .unet import load_unet
-from .vae import load_vae
-from .weights import CheckpointError, cached_snapshot, read_json
+from ..merge.interface import MergeMethod, loop_segments
+from ..merge.checks import is_int
+from ..models.weights import CheckpointError
+from .request import Carry, EncodeConfig, OUTPUT_TYPES, PipelineOutput, SampleConfig, SampleRequest, StepBar, StepConfig, as_key, check_merge_steps, merge_at, prompt_list, signature, to_pil, make_scheduler
 
-__all__ = [
-    "StableDiffusionPipeline", "StableDiffusionXLPipeline", "PipelineOutput", "SampleConfig",
-    "load_pipeline", "OUTPUT_TYPES", "PIPELINE_CLASSES",
-]
-
-OUTPUT_TYPES = ("pil", "np", "latent")
 _F32 = jnp.float32
-
-
-# ----------------------------------------------------------------------------- static config
-
-@dataclasses.dataclass(frozen=True)
-class SampleConfig:
-    """Everything that selects a compiled sampling program (hashable, a jit static arg).
-
-    ``num_inference_steps`` is the number asked for (PLMS takes one UNet call more);
-    ``batch`` the number of images; ``latent_hw`` the latent height and width;
-    ``guidance`` whether classifier-free guidance is on; ``decode`` whether the VAE runs.
-    """
-    scheduler: Any
-    num_inference_steps: int
-    batch: int
-    latent_hw: tuple
-    guidance: bool
-    merge: Any = None
-    decode: bool = True
-    start: int | None = None  # img2img: the schedule index the loop starts at (None: txt2img)
-    # on a mesh: rows added to fill the batch shards, dropped from the output (not part of
-    # the program's identity: 3 or 4 images padded to 8 share one program)
-    pad: int = dataclasses.field(default=0, compare=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class EncodeConfig:
-    guidance: bool
-    num_images_per_prompt: int
-    zero_negative: bool = False
-    clip_skip: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """What selects the compiled program of one piece of the denoising loop (see
-    ``merge.loop_segments``), the same in the fused loop and the progress path: the
-    scheduler, guidance on/off, image-to-image's start index, the merge config of the piece
-    and its static ``reuse``. Batch, size, step count and decoding are not in it (argument
-    shapes and the decoder's own program cover them)."""
-    scheduler: Any
-    guidance: bool
-    start: int | None
-    merge: Any
-    reuse: bool | None
-
-    @classmethod
-    def of(cls, static: SampleConfig, merge, reuse) -> "StepConfig":
-        merge = None if merge is None else merge.for_program(reuse)
-        return cls(static.scheduler, static.guidance, static.start, merge, reuse)
-
-
-class Carry(NamedTuple):
-    """What the denoising loop carries from step to step."""
-    latents: jax.Array  # float32 NCHW
-    scheduler_state: Any
-    merge_state: Any = None  # the UNet's merge state (ReToM(cache_step=k)), or None
-
-
-@dataclasses.dataclass
-class SampleRequest:
-    """The arguments of a call or ``compile``, as given: ``_prepare`` checks them."""
-    prompt: Any
-    negative_prompt: Any = None
-    num_inference_steps: int = 50
-    guidance_scale: float | None = None  # None: the pipeline's default_guidance_scale
-    height: int | None = None
-    width: int | None = None
-    num_images_per_prompt: int = 1
-    seed: int | None = None
-    key: Any = None
-    latents: Any = None
-    output_type: str = "pil"
-    merge: Any = None
-    callback: Callable | None = None
-    options: dict = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class PipelineOutput:
-    """``images``: a list of PIL images (``"pil"``), a float32 array ``[B, H, W, 3]`` in
-    [0, 1] (``"np"``) or the final NCHW latents (``"latent"``). ``compile_seconds`` is the
-    time spent compiling during this call (0 when everything was compiled before),
-    ``run_seconds`` the rest of the call's wall time."""
-    images: Any
-    compile_seconds: float = 0.0
-    run_seconds: float = 0.0
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def _prompt_list(prompt, name="prompt") -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    if isinstance(prompt, (list, tuple)) and not prompt:
-        raise ValueError(f"{name} is an empty list: give at least one prompt")
-    raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
-
-
-def _as_key(seed, key):
-    if key is not None and seed is not None:
-        raise ValueError("pass either seed or key, not both")
-    if key is None:
-        return seed_key(0 if seed is None else seed)
-    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise ValueError(f"key must be a single PRNG key, got shape {key.shape}")
-        return key
-    arr = np.asarray(key)
-    if arr.dtype == np.uint32 and arr.shape == (2,):  # a raw jax.random.PRNGKey
-        return jax.random.wrap_key_data(jnp.asarray(arr))
-    raise ValueError(f"key must be a PRNG key from jax.random.key(seed), got {key!r}")
-
-
-SEED_LIMIT = 2 ** 128
-
-
-def seed_key(seed) -> jax.Array:
-    """The PRNG key of an integer seed in ``[0, 2**128)``, using every bit of it: the low
-    32 bits seed the key and each further 32-bit word (up to the highest non-zero one) is
-    folded in, so seeds below ``2**32`` keep their keys and no two seeds share one."""
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    seed = int(seed)
-    if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be in [0, 2**128), got {seed}")
-    key = jax.random.key(seed & 0xFFFFFFFF)
-    seed >>= 32
-    while seed:
-        key = jax.random.fold_in(key, seed & 0xFFFFFFFF)
-        seed >>= 32
-    return key
-
-
-def _signature(tree):
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef, tuple((tuple(np.shape(a)), str(a.dtype)) for a in leaves)
-
-
-class _Bar:
-    """tqdm when installed, else one printed line per step."""
-
-    def __init__(self, total, desc):
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            tqdm = None
-        self.total, self.desc, self.n = total, desc, 0
-        self.bar = tqdm(total=total, desc=desc) if tqdm is not None else None
-
-    def update(self):
-        self.n += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        else:
-            print(f"{self.desc}: step {self.n}/{self.total}", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _to_pil(images: np.ndarray):
-    from PIL import Image
-
-    return [Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
 
 
 # ----------------------------------------------------------------------------- pipelines
 
-class _Pipeline:
+class Pipeline:
     """Shared sampling machinery; subclasses define the text conditioning."""
 
     _uses_latent_stats = False  # SDXL's decoder honours the VAE's latents_mean/latents_std
@@ -254,9 +78,9 @@ class _Pipeline:
             raise CheckpointError("the UNet's out_channels differ from its in_channels: not a "
                                   "text-to-image UNet")
         self.scheduler_config = None  # the folder's scheduler_config.json, when loaded
-        self._reset_compiled()
+        self.reset_compiled()
 
-    def _reset_compiled(self):
+    def reset_compiled(self):
         self.trace_count = 0    # how many times a sampling/step function was traced
         self.compile_count = 0  # how many programs this pipeline compiled
         self._compiled: dict = {}
@@ -282,7 +106,7 @@ class _Pipeline:
         s = self.unet.config.sample_size
         if s is None:
             return None
-        h, w = (s, s) if _is_int(s) else tuple(s)
+        h, w = (s, s) if is_int(s) else tuple(s)
         return int(h) * self.vae_scale_factor, int(w) * self.vae_scale_factor
 
     @property
@@ -293,14 +117,14 @@ class _Pipeline:
         return (f"{type(self).__name__}(dtype={jnp.dtype(self.dtype).name}, "
                 f"scheduler={type(self.scheduler).__name__}, default_size={self.default_size})")
 
-    def shard(self, mesh) -> "_Pipeline":
+    def shard(self, mesh) -> "Pipeline":
         """Run on ``mesh`` (``make_mesh(...)``): parameters placed by the sharding rules,
         the batch split over ``data`` x ``fsdp`` (padded to a multiple of it, the extra
         images dropped), latent rows over ``spatial``. ``load_pipeline(mesh=)`` does this
         while reading the weights."""
-        return sharding.shard_pipeline(self, mesh)
+        return placement.shard_pipeline(self, mesh)
 
-    def with_scheduler(self, scheduler) -> "_Pipeline":
+    def with_scheduler(self, scheduler) -> "Pipeline":
         """The same models (shared, not copied) with another scheduler: a name such as
         ``"ddim"``, ``"euler"``, ``"dpm++2m"`` (built from this pipeline's scheduler config,
         whose options carry over as in diffusers' ``from_config``) or a scheduler object."""
@@ -308,16 +132,16 @@ class _Pipeline:
         if config is None:
             config = dataclasses.asdict(self.scheduler)
         new = copy.copy(self)
-        new.scheduler = _make_scheduler(config, scheduler)
-        new._reset_compiled()
+        new.scheduler = make_scheduler(config, scheduler)
+        new.reset_compiled()
         return new
 
-    def load_lora(self, file, scale: float = 1.0) -> "_Pipeline":
+    def load_lora(self, file, scale: float = 1.0) -> "Pipeline":
         """Fuse a LoRA ``.safetensors`` file (diffusers/peft or kohya layout; UNet and text
         encoders) times ``scale`` into this pipeline's weights (``lora.py``). Steps cost
         what they cost before and nothing recompiles: the weights are the programs'
         arguments. Returns the pipeline."""
-        from .lora import load_lora_into
+        from ..models.lora import load_lora_into
 
         load_lora_into(self, file, scale)
         self.loras = getattr(self, "loras", []) + [(os.fspath(file), float(scale))]
@@ -328,13 +152,13 @@ class _Pipeline:
     def _executable(self, name, static, *args):
         """The compiled jitted function ``name`` for ``static`` and these argument shapes:
         compiled once, then kept."""
-        sig = (name, static, _signature(args))
+        sig = (name, static, signature(args))
         compiled = self._compiled.get(sig)
         if compiled is None:
             t0 = time.perf_counter()
             jitted = self._jits[name]
             if self.mesh is not None and name == "sample":  # explicit in/out shardings
-                jitted = sharding.sample_jit(self._sample, self.mesh, args, static.decode)
+                jitted = placement.sample_jit(self._sample, self.mesh, args, static.decode)
             compiled = jitted.lower(static, *args).compile()
             self._compile_clock += time.perf_counter() - t0
             self.compile_count += 1
@@ -458,7 +282,7 @@ class _Pipeline:
     # -- validation
 
     def _check_prompts(self, prompt, negative_prompt, guidance_scale):
-        prompts = _prompt_list(prompt)
+        prompts = prompt_list(prompt)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale,
                                                               (int, float, np.floating)):
             raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
@@ -475,7 +299,7 @@ class _Pipeline:
             if isinstance(negative_prompt, str):
                 negatives = [negative_prompt] * len(prompts)
             else:
-                negatives = _prompt_list(negative_prompt, "negative_prompt")
+                negatives = prompt_list(negative_prompt, "negative_prompt")
                 if len(negatives) != len(prompts):
                     raise ValueError(
                         f"negative_prompt has {len(negatives)} entries but prompt has "
@@ -486,7 +310,7 @@ class _Pipeline:
 
     @staticmethod
     def _check_count(n):
-        if not _is_int(n) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"num_images_per_prompt must be an int >= 1, got {n!r}")
         return int(n)
 
@@ -501,7 +325,7 @@ class _Pipeline:
             height = default[0] if height is None else height
             width = default[1] if width is None else width
         for name, v in (("height", height), ("width", width)):
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
             if v % f:
                 raise ValueError(f"{name}={v} is not a multiple of {f} (the VAE's scale "
@@ -572,7 +396,7 @@ class _Pipeline:
         it: the fused program runs a piece as a ``fori_loop``, the progress path from
         Python, one compiled step program per piece."""
         n = carry.scheduler_state.timesteps.shape[0] - (static.start or 0)
-        previous = _merge_at(static.merge, 0)
+        previous = merge_at(static.merge, 0)
         for lo, hi, merge, reuse in loop_segments(static.merge, n):
             carry, previous = self._fit_cache(merge, previous, cond, carry), merge
             carry = run(StepConfig.of(static, merge, reuse), lo, hi, carry)
@@ -725,7 +549,7 @@ class _Pipeline:
             out = self._run("sample", static, *args)
         out = sharding.to_host(jax.block_until_ready(out))[:static.batch - static.pad]
         if output_type == "pil":
-            out = _to_pil(out)
+            out = to_pil(out)
         compile_s = self._compile_clock
         return PipelineOutput(out, compile_s, time.perf_counter() - t_start - compile_s)
 
@@ -769,7 +593,7 @@ class _Pipeline:
         n = self._check_count(num_images_per_prompt)
         options = self._check_options(options or {}, prompts, negative_prompt, guidance)
         image = options["image"]
-        if not _is_int(num_inference_steps) or num_inference_steps < 1:
+        if not is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got "
                              f"{num_inference_steps!r}")
         if output_type not in OUTPUT_TYPES:
@@ -801,7 +625,7 @@ class _Pipeline:
         self._check_merge(merge, latent_hw)
         if self.mesh is not None:
             sharding.check_split(self.mesh, self.unet.config, latent_hw, merge, batch, guidance)
-        key = _as_key(seed, key)
+        key = as_key(seed, key)
         # The scheduler validates the step count (Python errors, nothing compiled yet).
         state = self.scheduler.set_timesteps(int(num_inference_steps), shape, _F32)
         extra = {}
@@ -809,7 +633,7 @@ class _Pipeline:
             extra["start"] = features.img2img_start(int(num_inference_steps),
                                                     options["strength"])
         skipped = extra.get("start", 0)  # img2img starts into the schedule
-        _check_merge_steps(merge, int(state.timesteps.shape[0]) - skipped,
+        check_merge_steps(merge, int(state.timesteps.shape[0]) - skipped,
                            int(num_inference_steps) - skipped)
         static = SampleConfig(self.scheduler, int(num_inference_steps), batch, latent_hw,
                               guidance, merge, output_type != "latent", **extra)
@@ -828,7 +652,7 @@ class _Pipeline:
              "eta": jnp.asarray(options["eta"], _F32)}
         params = {"unet": self.unet.params, "vae": self.vae.params}
         if self.mesh is not None:  # pad the batch, place every argument on the mesh
-            return sharding.place_sample_args(self, static, (params, cond, latents, state,
+            return placement.place_sample_args(self, static, (params, cond, latents, state,
                                                              key, g))
         return static, (params, cond, latents, state, key, g)
 
@@ -859,7 +683,7 @@ class _Pipeline:
         # PLMS's extra first UNet call is part of the first step's tick.
         steps = static.num_inference_steps - (static.start or 0)
         extra = carry.scheduler_state.timesteps.shape[0] - (static.start or 0) - steps
-        bar = _Bar(steps, "denoising") if progress else None
+        bar = StepBar(steps, "denoising") if progress else None
 
         def run(step: StepConfig, lo, hi, carry):
             for i in range(lo, hi):
@@ -877,335 +701,3 @@ class _Pipeline:
             if bar is not None:
                 bar.close()
         return self._run("finish", static.decode, {"vae": params["vae"]}, carry.latents)
-
-
-class StableDiffusionPipeline(_Pipeline):
-    """Stable Diffusion 1.x / 2.x: one CLIP text encoder, ``last_hidden_state``."""
-
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
-        super().__init__(unet, vae, scheduler)
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        dim = text_encoder.config.hidden_size
-        if unet.config.addition_embed_type is not None:
-            raise CheckpointError("this UNet expects SDXL's added conditioning: use "
-                                  "StableDiffusionXLPipeline")
-        if unet.config.cross_attention_dim[0] != dim:
-            raise CheckpointError(
-                f"the text encoder's hidden size is {dim} but the UNet's "
-                f"cross_attention_dim is {unet.config.cross_attention_dim[0]}")
-        _check_tokenizer(tokenizer, text_encoder, "tokenizer")
-
-    def _encode_params(self):
-        return {"text_encoder": self.text_encoder.params}
-
-    def _tokenize(self, prompts, negatives, guidance, zero_negative, options=None):
-        rows = prompts if not guidance else negatives + prompts
-        return {"ids": tokenize(self.tokenizer, rows,
-                                labels=_row_labels(prompts, negatives, guidance, False))}
-
-    def _clip_skip_limit(self) -> int:
-        return self.text_encoder.config.num_hidden_layers
-
-    def _encode(self, static: EncodeConfig, params, ids):
-        out = self.text_encoder.apply(params["text_encoder"], ids["ids"])
-        h = out.last_hidden_state
-        if static.clip_skip is not None:  # the positive prompts only, as in diffusers
-            skipped = self.text_encoder.apply_final_layer_norm(
-                params["text_encoder"], out.hidden_states[-(static.clip_skip + 1)])
-            half = h.shape[0] // 2 if static.guidance else 0
-            h = jnp.concatenate([h[:half], skipped[half:]], axis=0)
-        h = jnp.repeat(h, static.num_images_per_prompt, axis=0)
-        return {"encoder_hidden_states": h.astype(self.unet.dtype)}
-
-
-class StableDiffusionXLPipeline(_Pipeline):
-    """SDXL: two CLIP text encoders (the second with projection), added conditioning."""
-
-    _uses_latent_stats = True
-    _default_strength = 0.3  # diffusers' StableDiffusionXLImg2ImgPipeline default
-
-    def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
-                 scheduler, force_zeros_for_empty_prompt: bool = True):
-        super().__init__(unet, vae, scheduler)
-        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
-        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
-        cfg = unet.config
-        if cfg.addition_embed_type != "text_time":
-            raise CheckpointError("an SDXL pipeline needs a UNet with addition_embed_type "
-                                  "'text_time'")
-        if not text_encoder_2.config.with_projection:
-            raise CheckpointError("SDXL's text_encoder_2 must be a CLIPTextModelWithProjection")
-        dim = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
-        if cfg.cross_attention_dim[0] != dim:
-            raise CheckpointError(
-                f"the two text encoders give {dim} features per token but the UNet's "
-                f"cross_attention_dim is {cfg.cross_attention_dim[0]}")
-        added = cfg.addition_time_embed_dim * 6 + text_encoder_2.config.projection_dim
-        if added != cfg.projection_class_embeddings_input_dim:
-            raise CheckpointError(
-                f"the UNet's added embedding takes {cfg.projection_class_embeddings_input_dim} "
-                f"features, but text_encoder_2's projection_dim "
-                f"({text_encoder_2.config.projection_dim}) and 6 time ids of "
-                f"{cfg.addition_time_embed_dim} give {added}")
-        _check_tokenizer(tokenizer, text_encoder, "tokenizer")
-        _check_tokenizer(tokenizer_2, text_encoder_2, "tokenizer_2")
-        if tokenizer.model_max_length != tokenizer_2.model_max_length:
-            raise CheckpointError("tokenizer and tokenizer_2 have different model_max_length")
-
-    def _zero_negative(self, negative_prompt) -> bool:
-        return negative_prompt is None and self.force_zeros_for_empty_prompt
-
-    def _encode_params(self):
-        return {"text_encoder": self.text_encoder.params,
-                "text_encoder_2": self.text_encoder_2.params}
-
-    def _option_names(self):
-        return features.COMMON_OPTIONS + features.SDXL_OPTIONS
-
-    def _clip_skip_limit(self) -> int:
-        return min(self.text_encoder.config.num_hidden_layers,
-                   self.text_encoder_2.config.num_hidden_layers) - 1
-
-    def _check_options(self, options, prompts, negative_prompt, guidance) -> dict:
-        out = super()._check_options(options, prompts, negative_prompt, guidance)
-        if out["prompt_2"] is not None:
-            out["prompt_2"] = _per_prompt(out["prompt_2"], "prompt_2", len(prompts))
-        if out["negative_prompt_2"] is not None:
-            if not guidance:
-                raise ValueError("negative_prompt_2 has no effect without classifier-free "
-                                 "guidance (guidance_scale <= 1)")
-            if self._zero_negative(negative_prompt):
-                raise ValueError(
-                    "negative_prompt_2 has no effect without negative_prompt: this model "
-                    "uses zero unconditional embeddings then (force_zeros_for_empty_prompt); "
-                    "give negative_prompt too")
-            out["negative_prompt_2"] = _per_prompt(out["negative_prompt_2"],
-                                                   "negative_prompt_2", len(prompts))
-        for name in features.SDXL_OPTIONS[2:]:
-            if out[name] is not None:
-                out[name] = features.check_size_pair(name, out[name],
-                                                     positive="crops" not in name)
-                if name.startswith("negative_") and not guidance:
-                    raise ValueError(f"{name} has no effect without classifier-free guidance "
-                                     f"(guidance_scale <= 1)")
-        return out
-
-    def _tokenize(self, prompts, negatives, guidance, zero_negative, options=None):
-        options = options or {}
-        prompts_2 = options.get("prompt_2") or prompts
-        negatives_2 = options.get("negative_prompt_2") or negatives
-        both = not guidance or zero_negative
-        rows = prompts if both else negatives + prompts
-        rows_2 = prompts_2 if both else negatives_2 + prompts_2
-        labels = _row_labels(prompts, negatives, guidance, zero_negative)
-        # With the same rows both tokenizers cut alike (same length, checked): one warning.
-        labels_2 = [label.replace("prompt", "prompt_2", 1) for label in labels]
-        return {"ids": tokenize(self.tokenizer, rows, labels=labels),
-                "ids_2": tokenize(self.tokenizer_2, rows_2, labels=labels_2,
-                                  warn=rows_2 != rows)}
-
-    def _encode(self, static: EncodeConfig, params, ids):
-        o1 = self.text_encoder.apply(params["text_encoder"], ids["ids"])
-        o2 = self.text_encoder_2.apply(params["text_encoder_2"], ids["ids_2"])
-        h = jnp.concatenate([o1.hidden_states[-2], o2.hidden_states[-2]], axis=-1)
-        if static.clip_skip is not None:  # the positive prompts only, as in diffusers
-            k = -(static.clip_skip + 2)
-            skipped = jnp.concatenate([o1.hidden_states[k], o2.hidden_states[k]], axis=-1)
-            half = h.shape[0] // 2 if static.guidance and not static.zero_negative else 0
-            h = jnp.concatenate([h[:half], skipped[half:]], axis=0)
-        pooled = o2.text_embeds
-        if static.zero_negative:
-            h = jnp.concatenate([jnp.zeros_like(h), h], axis=0)
-            pooled = jnp.concatenate([jnp.zeros_like(pooled), pooled], axis=0)
-        n = static.num_images_per_prompt
-        return {"encoder_hidden_states": jnp.repeat(h, n, axis=0).astype(self.unet.dtype),
-                "text_embeds": jnp.repeat(pooled, n, axis=0).astype(_F32)}
-
-    def _added_cond(self, height, width, rows, options=None, guidance=False):
-        positive, negative = features.add_time_ids(options or {}, height, width)
-        ids = np.array([negative] * (rows // 2) + [positive] * (rows // 2) if guidance
-                       else [positive] * rows, np.float32)
-        return {"time_ids": jnp.asarray(ids)}
-
-
-def _per_prompt(value, name, count):
-    """A string (for every prompt) or one string per prompt, as a list of ``count``."""
-    if isinstance(value, str):
-        return [value] * count
-    values = _prompt_list(value, name)
-    if len(values) != count:
-        raise ValueError(f"{name} has {len(values)} entries but prompt has {count}: give one "
-                         f"per prompt (or one string)")
-    return values
-
-
-def _row_labels(prompts, negatives, guidance, zero_negative):
-    """What the user calls each tokenized row (counted from 1, as given)."""
-    labels = [f"prompt {i + 1}" for i in range(len(prompts))]
-    if not guidance or zero_negative:
-        return labels
-    return [f"negative prompt {i + 1}" for i in range(len(negatives))] + labels
-
-
-def _merge_at(merge, step):
-    """``merge`` as it runs at ``step``: a ReToM window schedule resolved, others as is."""
-    return None if merge is None else merge.at_step(step)
-
-
-def _check_merge_steps(merge, calls: int, steps: int):
-    """Step options of ``merge`` that would never take effect in a loop of ``calls`` UNet
-    calls (``steps`` asked for; PLMS makes one call more) are errors, not silently ignored."""
-    if merge is not None:
-        merge.check_steps(calls, steps)
-
-
-def _check_tokenizer(tokenizer, encoder, name):
-    length = getattr(tokenizer, "model_max_length", None)
-    if not _is_int(length) or length > encoder.config.max_position_embeddings:
-        raise CheckpointError(
-            f"{name}'s model_max_length ({length}) must be an int no larger than its text "
-            f"encoder's max_position_embeddings ({encoder.config.max_position_embeddings})")
-
-
-# ----------------------------------------------------------------------------- loading
-
-PIPELINE_CLASSES = {
-    "StableDiffusionPipeline": (StableDiffusionPipeline,
-                                ("unet", "vae", "text_encoder", "tokenizer", "scheduler")),
-    "StableDiffusionXLPipeline": (StableDiffusionXLPipeline,
-                                  ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
-                                   "tokenizer_2", "scheduler")),
-}
-
-
-def pipeline_folder(path_or_repo_id) -> Path:
-    """A local folder holding ``model_index.json``: the path itself, or the snapshot of a
-    repo id in the local Hugging Face cache. Never touches the network."""
-    path = Path(os.path.expanduser(str(path_or_repo_id)))
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise CheckpointError(f"{path} has no model_index.json: not a diffusers pipeline "
-                                  f"folder")
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is not a folder: a diffusers pipeline is a folder "
-                              f"holding model_index.json")
-    root = cached_snapshot(path_or_repo_id, "local pipeline folder")
-    return pipeline_folder(root)
-
-
-def read_model_index(folder) -> dict:
-    return read_json(folder, "model_index.json")
-
-
-def _index_guidance(index: dict, root) -> float:
-    g = index.get("_retom_jax_guidance_scale", _Pipeline.default_guidance_scale)
-    if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g < float("inf"):
-        raise CheckpointError(f"{root}/model_index.json: _retom_jax_guidance_scale must be a "
-                              f"positive number, got {g!r}")
-    return float(g)
-
-
-def default_guidance_scale(path_or_repo_id) -> float:
-    """What ``guidance_scale=None`` means for a model, read from its ``model_index.json``
-    alone (no weights): its ``_retom_jax_guidance_scale`` (diffusers ignores "_" keys; the
-    demo's is 3), else diffusers' 7.5. The loaded pipeline's ``default_guidance_scale``."""
-    from .demo import DEMO_ASSETS
-
-    root = DEMO_ASSETS if str(path_or_repo_id) == "demo" else pipeline_folder(path_or_repo_id)
-    return _index_guidance(read_model_index(root), root)
-
-
-def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attention="auto",
-                  param_dtype=None, variant: str | None = None, lora=(),
-                  mesh=None):
-    """Load a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` folder.
-
-    ``path_or_repo_id``: a pipeline folder (with ``model_index.json``) or a repo id in the
-    local Hugging Face cache. ``dtype``: compute dtype of every model (``param_dtype``, the
-    stored weights' dtype, defaults to it; an SDXL-style VAE with ``force_upcast`` decodes
-    in float32 when ``dtype`` is float16). ``scheduler``: None (the folder's scheduler),
-    a name (``"ddim"``, ``"pndm"``, ``"euler"``, ``"euler_a"``, ``"dpm++2m"``,
-    ``"dpm++2m_karras"``, built from the folder's scheduler config) or a scheduler object.
-    ``variant="fp16"`` reads the ``.fp16`` weight files. ``lora``: LoRA files fused into
-    the weights at load, each a path (scale 1), ``"file:0.7"`` or ``(path, scale)``.
-    ``"demo"`` is the built-in demo model (``demo.build_demo_pipeline``; a folder named
-    demo is ``"./demo"``).
-    ``mesh`` (``make_mesh(...)``): every parameter is read shard by shard onto the mesh
-    and calls run sharded on it (see ``_Pipeline.shard``).
-    """
-    from .lora import parse_lora_spec
-
-    if isinstance(lora, (str, os.PathLike)):
-        lora = [lora]
-    loras = [parse_lora_spec(spec) for spec in lora]  # bad entries fail before loading
-    for file, _ in loras:
-        if not Path(file).is_file():
-            raise CheckpointError(f"LoRA file not found: {file}")
-    dtype = weights.parse_dtype(dtype)
-    if str(path_or_repo_id) == "demo":
-        if param_dtype is not None or variant is not None:
-            raise ValueError("param_dtype and variant apply to checkpoint folders, not to "
-                             "the demo model")
-        from .demo import build_demo_pipeline
-
-        pipe = build_demo_pipeline(dtype, scheduler=scheduler, attention=attention)
-        for file, scale in loras:
-            pipe.load_lora(file, scale)
-        return pipe if mesh is None else pipe.shard(mesh)
-    root = pipeline_folder(path_or_repo_id)
-    index = read_model_index(root)
-    cls_name = index.get("_class_name")
-    if cls_name not in PIPELINE_CLASSES:
-        raise CheckpointError(
-            f"{root}/model_index.json describes a {cls_name!r}; retom-jax loads "
-            f"{', '.join(PIPELINE_CLASSES)}")
-    cls, needed = PIPELINE_CLASSES[cls_name]
-    for name in needed:
-        entry = index.get(name)
-        if name == "scheduler" and scheduler is not None and not isinstance(scheduler, str):
-            continue
-        if not entry or not isinstance(entry, (list, tuple)) or entry[0] is None:
-            raise CheckpointError(f"{root}/model_index.json declares no {name}; a {cls_name} "
-                                  f"needs {', '.join(needed)}")
-        if not (root / name).is_dir():
-            raise CheckpointError(f"the component folder {name}/ is missing in {root}")
-    # The scheduler first: a bad name fails before any weights are read.
-    sched_config = _read_scheduler_config(root) if (root / "scheduler").is_dir() else None
-    sched = _make_scheduler(sched_config, scheduler)
-    common = dict(param_dtype=param_dtype, variant=variant, attention=attention, mesh=mesh)
-    unet = load_unet(root / "unet", dtype, subfolder=None, **common)
-    vae = load_vae(root / "vae", dtype, subfolder=None, **common)
-    te = load_text_encoder(root / "text_encoder", dtype, subfolder=None, **common)
-    tok = load_tokenizer(root / "tokenizer", subfolder=None)
-    if cls is StableDiffusionPipeline:
-        pipe = StableDiffusionPipeline(unet, vae, te, tok, sched)
-    else:
-        te2 = load_text_encoder(root / "text_encoder_2", dtype, subfolder=None, **common)
-        tok2 = load_tokenizer(root / "tokenizer_2", subfolder=None)
-        pipe = StableDiffusionXLPipeline(unet, vae, te, te2, tok, tok2, sched,
-                                         index.get("force_zeros_for_empty_prompt", True))
-    pipe.scheduler_config = sched_config
-    pipe.default_guidance_scale = _index_guidance(index, root)
-    for file, scale in loras:
-        pipe.load_lora(file, scale)
-    if mesh is not None:
-        pipe.mesh = mesh
-        if loras:  # the fused weights placed by the rules again
-            sharding.shard_pipeline(pipe, mesh)
-    return pipe
-
-
-def _make_scheduler(config: dict, scheduler):
-    if scheduler is not None and not isinstance(scheduler, str):
-        if not all(hasattr(scheduler, a) for a in ("set_timesteps", "step", "scale_model_input",
-                                                   "init_noise_sigma")):
-            raise ValueError(f"scheduler must be None, a name or a retom_jax scheduler, got "
-                             f"{scheduler!r}")
-        return scheduler
-    return scheduler_from_config(config, name=scheduler)
-
-
-def _read_scheduler_config(root: Path) -> dict:
-    return read_json(root / "scheduler", "scheduler_config.json")

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import sharding, weights
+from .. import sharding
+from . import weights
 from .attention import check_implementation
-from .merge import BlockMerge, MergeMethod, level_grid, level_of
-from .layers import (Attention, Downsample2D, FeedForward, ResnetBlock2D, TimestepEmbedding,
-                     Upsample2D, conv, group_norm, layer_norm, linear, timestep_embedding)
+from ..merge.interface import BlockMerge, MergeMethod, level_grid, level_of
+from .layers import Attention, Downsample2D, FeedForward, ResnetBlock2D, TimestepEmbedding, Upsample2D, conv, group_norm, layer_norm, linear, timestep_embedding
 
 # --------------------------------------------------------------------------- config
 

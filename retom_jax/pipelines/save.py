@@ -21,13 +21,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from . import weights
-from .schedulers import _CLASSES as SCHEDULER_CLASSES
+from ..models import weights
+from ..schedulers import SCHEDULER_CLASSES
 
 __all__ = ["save_pipeline", "save_unet", "save_params", "torch_state_dict",
            "write_safetensors", "is_writer"]
 
-_ST_NAMES = {np.dtype(v): k for k, v in weights._ST_DTYPES.items()}
+_ST_NAMES = {np.dtype(v): k for k, v in weights.ST_DTYPES.items()}
 
 
 def is_writer() -> bool:
@@ -68,19 +68,19 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path
     return path
 
 
-def _host(a) -> np.ndarray:
+def host_copy(a) -> np.ndarray:
     """An array (sharded over a mesh, possibly over several hosts) as one NumPy array."""
-    from .sharding import to_host
+    from ..sharding import to_host
 
     return to_host(getattr(a, "value", a))
 
 
-def _path_key(path) -> str:
+def path_key(path) -> str:
     """The PyTorch module name of a parameter path, e.g.
     ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight``."""
-    from .sharding import _flat_path
+    from ..sharding import flat_path
 
-    return weights.torch_key(_flat_path(path))
+    return weights.torch_key(flat_path(path))
 
 
 def _torch_layout(array: np.ndarray, leaf: str) -> np.ndarray:
@@ -97,8 +97,8 @@ def torch_state_dict(params, dtype=None) -> dict[str, np.ndarray]:
     arrays sharded over a mesh are gathered."""
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        a = _torch_layout(_host(leaf), str(getattr(path[-1], "key", path[-1])))
-        out[_path_key(path)] = a if dtype is None else a.astype(dtype)
+        a = _torch_layout(host_copy(leaf), str(getattr(path[-1], "key", path[-1])))
+        out[path_key(path)] = a if dtype is None else a.astype(dtype)
     return out
 
 
@@ -173,8 +173,8 @@ def save_pipeline(pipe, folder) -> Path:
     """Write ``pipe`` (SD or SDXL) as a diffusers pipeline folder; returns the folder.
     Weights are stored in their parameter dtype (float32, float16 or bfloat16; a pipeline
     on a mesh is gathered)."""
-    from . import __version__
-    from .pipeline import StableDiffusionXLPipeline
+    from .. import __version__
+    from .stable_diffusion import StableDiffusionXLPipeline
 
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):

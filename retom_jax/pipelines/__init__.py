@@ -1,0 +1,20 @@
+"""Text-to-image pipelines with token merging: Stable Diffusion 1.x/2.x and SDXL.
+
+:mod:`.request` (what selects a compiled program, the call's request and output),
+:mod:`.base` (the sampling machinery every pipeline shares), :mod:`.stable_diffusion`
+(the text conditioning of SD and SDXL), :mod:`.loading` (``load_pipeline``), :mod:`.options`
+(diffusers' call options: img2img, guidance rescale, eta, clip skip, SDXL conditioning),
+:mod:`.mesh` (a pipeline on a device mesh), :mod:`.memory` (the fit check before a program
+runs), :mod:`.save` (writing diffusers folders).
+"""
+from .base import Pipeline
+from .loading import (PIPELINE_CLASSES, default_guidance_scale, load_pipeline,
+                      pipeline_folder, read_model_index)
+from .request import OUTPUT_TYPES, SEED_LIMIT, PipelineOutput, SampleConfig, seed_key
+from .save import save_pipeline, save_unet
+from .stable_diffusion import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+__all__ = ["Pipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline",
+           "PipelineOutput", "SampleConfig", "OUTPUT_TYPES", "SEED_LIMIT", "seed_key",
+           "PIPELINE_CLASSES", "load_pipeline", "pipeline_folder", "read_model_index",
+           "default_guidance_scale", "save_pipeline", "save_unet"]
