@@ -253,7 +253,7 @@ def init_t5_encoder(config: T5Config | dict, seed=0, dtype=jnp.float32,
     return T5Encoder(config, graphdef, params, dtype=dtype, param_dtype=param_dtype)
 
 
-def load_t5_tokenizer(path, subfolder: str = "tokenizer_2"):
+def load_t5_tokenizer(path, subfolder: str | None = "tokenizer_2"):
     """transformers' T5 tokenizer (fast) from a tokenizer folder, a pipeline folder
     (``subfolder``) or a cached repo id; local files only."""
     from pathlib import Path
@@ -261,9 +261,9 @@ def load_t5_tokenizer(path, subfolder: str = "tokenizer_2"):
     from ..clip import quiet_transformers
 
     local = Path(str(path)).expanduser()
-    folder = local / subfolder if (local / subfolder).is_dir() else local
+    folder = local / subfolder if subfolder and (local / subfolder).is_dir() else local
     if not folder.is_dir():
-        folder = weights.cached_snapshot(path) / subfolder
+        folder = weights.cached_snapshot(path) / (subfolder or "")
     try:
         return quiet_transformers().AutoTokenizer.from_pretrained(str(folder),
                                                                   local_files_only=True)

@@ -1,0 +1,312 @@
+"""Flux.1 text-to-image (dev and schnell), as diffusers' ``FluxPipeline``, with token merging.
+
+``load_pipeline(folder)`` returns a `FluxPipeline` when ``model_index.json`` names
+``FluxPipeline``: CLIP (pooled prompt embedding), T5 (the per-token text), the Flux
+transformer, the 16-channel VAE and ``FlowMatchEuler`` with Flux's resolution-dependent
+shift. ::
+
+    pipe = rj.load_pipeline("FLUX.1-dev", jnp.bfloat16)
+    out = pipe("a red cube", height=1024, width=1024, num_inference_steps=28, seed=0,
+               merge=rj.ReToM(ratio=0.5, merge_mlp=True))
+
+How a call runs (as the SD pipelines): arguments checked in Python; prompts tokenized on
+the host and encoded by one jitted function; one jitted program runs the whole denoising
+loop (``lax.fori_loop``; the latents are packed 2x2 patches ``[B, h * w / 4, 64]``, carried
+in float32) and the VAE decode. Its static configuration (`FluxConfig`) selects the
+compiled program; prompts, seeds, latents and the guidance scale are arguments.
+``progress=True`` runs the same step function from a Python loop with a progress line.
+Guidance is the distilled guidance of dev (an input of the transformer, no second
+batch); schnell has none. diffusers' "true CFG" (negative prompts) is not implemented.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import weights
+from .clip import load_text_encoder, load_tokenizer, tokenize
+from .flow_match import FlowMatchEuler
+from .merge import MergeMethod
+from .models.flux import image_ids, load_flux_transformer
+from .models.t5 import load_t5_encoder, load_t5_tokenizer
+from .pipeline import PipelineOutput, seed_key
+from .progress import Progress
+from .vae import load_vae
+
+_F32 = jnp.float32
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxSampleConfig:
+    """What selects a compiled sampling program."""
+    steps: int
+    batch: int
+    grid: tuple  # packed latent (rows, cols): latent size / 2
+    text_tokens: int
+    merge: MergeMethod | None
+    decode: bool
+
+
+def pack(latents):
+    """NCHW ``[B, C, h, w]`` -> packed ``[B, (h/2)(w/2), 4C]`` (2x2 patches, channel-major
+    within a patch, as diffusers' ``_pack_latents``)."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(packed, h: int, w: int):
+    """The inverse of `pack` for a latent of ``h x w``."""
+    b, _, d = packed.shape
+    x = packed.reshape(b, h // 2, w // 2, d // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+class FluxPipeline:
+    """Flux.1 dev / schnell. Components as in diffusers: ``transformer``, ``vae``,
+    ``text_encoder`` (CLIP) + ``tokenizer``, ``text_encoder_2`` (T5) + ``tokenizer_2``,
+    ``scheduler`` (`FlowMatchEuler`)."""
+
+    default_guidance_scale = 3.5
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+                 scheduler: FlowMatchEuler):
+        self.transformer, self.vae = transformer, vae
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.scheduler = scheduler
+        self.mesh = None
+        self._programs: dict = {}
+        self._encode_jit = jax.jit(self._encode)
+
+    # -- sizes
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return 128 * self.vae_scale_factor  # diffusers' default_sample_size * vae factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4
+
+    def params(self) -> dict:
+        return {"transformer": self.transformer.params, "vae": self.vae.params}
+
+    # -- text
+
+    def _encode(self, params, clip_ids, t5_ids):
+        pooled = self.text_encoder.apply(params["clip"], clip_ids).pooler_output
+        return self.text_encoder_2.apply(params["t5"], t5_ids), pooled
+
+    def encode_prompt(self, prompt, num_images_per_prompt: int = 1,
+                      max_sequence_length: int = 512):
+        """``(prompt_embeds [B, T, joint_dim], pooled_prompt_embeds [B, pooled_dim])`` of
+        ``B = len(prompts) * num_images_per_prompt`` rows (each prompt repeated)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, "
+                             f"got {prompt!r}")
+        clip_ids = tokenize(self.tokenizer, prompts)
+        t5_ids = self.tokenizer_2(prompts, padding="max_length", max_length=max_sequence_length,
+                                  truncation=True, return_tensors="np").input_ids
+        embeds, pooled = self._encode_jit(
+            {"clip": self.text_encoder.params, "t5": self.text_encoder_2.params},
+            jnp.asarray(clip_ids, jnp.int32), jnp.asarray(t5_ids, jnp.int32))
+        rep = lambda a: jnp.repeat(a, num_images_per_prompt, axis=0)  # noqa: E731
+        return rep(embeds), rep(pooled)
+
+    # -- one step, the loop, the decoder (traced)
+
+    def _step(self, static: FluxSampleConfig, params, cond, i, carry, key):
+        x, state, merge_state = carry
+        tr = self.transformer
+        b = x.shape[0]
+        timestep = jnp.broadcast_to(state.timesteps[i], (b,)).astype(_F32) / 1000
+        step_key = None if key is None else jax.random.fold_in(key, i)
+        out = tr.apply(params["transformer"], x.astype(tr.dtype), cond["embeds"],
+                       cond["pooled"], timestep, cond["img_ids"], cond["txt_ids"],
+                       cond["guidance"], merge=static.merge, merge_state=merge_state,
+                       key=step_key, grid=static.grid)
+        x, state = self.scheduler.step(state, out.sample.astype(_F32), i, x)
+        return x.astype(_F32), state, out.merge_state
+
+    def _decode(self, params, packed, static: FluxSampleConfig):
+        h, w = (2 * s for s in static.grid)
+        c = self.vae.config
+        z = unpack(packed, h, w) / c.scaling_factor + (c.shift_factor or 0.0)
+        img = self.vae.apply_decode(params["vae"], z.astype(self.vae.dtype)).astype(_F32)
+        return jnp.transpose(jnp.clip(img / 2 + 0.5, 0.0, 1.0), (0, 2, 3, 1))
+
+    def _sample(self, static: FluxSampleConfig, params, cond, latents, state, merge_state, key):
+        carry = (latents.astype(_F32), state, merge_state)
+        carry = jax.lax.fori_loop(
+            0, static.steps, lambda i, c: self._step(static, params, cond, i, c, key), carry)
+        return self._decode(params, carry[0], static) if static.decode else carry[0]
+
+    # -- the call
+
+    def _prepare(self, prompt, num_inference_steps, guidance_scale, height, width,
+                 num_images_per_prompt, seed, key, latents, max_sequence_length, merge,
+                 output_type, mu):
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got "
+                             f"{num_inference_steps!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got "
+                             f"{num_images_per_prompt!r}")
+        if merge is not None and not isinstance(merge, MergeMethod):
+            raise ValueError(f"merge must be ToMe, ReToM or ToDo (or None), got {merge!r}")
+        if merge is not None and len(merge.stages()) > 1:
+            raise ValueError("FluxPipeline runs one merge configuration for every step: a "
+                             "ReToM window schedule is not supported here (drop schedule=)")
+        step = self.vae_scale_factor * 2
+        height, width = height or self.default_size, width or self.default_size
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v < step or v % step:
+                raise ValueError(f"{name} must be a positive multiple of {step} (the VAE "
+                                 f"factor x 2x2 patches), got {v!r}")
+        grid = (height // step, width // step)
+        embeds, pooled = self.encode_prompt(prompt, num_images_per_prompt, max_sequence_length)
+        b = embeds.shape[0]
+        n, d = grid[0] * grid[1], self.latent_channels * 4
+        if key is not None and seed is not None:
+            raise ValueError("pass either seed or key, not both")
+        key = key if key is not None else seed_key(0 if seed is None else seed)
+        k_noise, k_loop = jax.random.split(key)
+        if latents is None:
+            noise = jax.random.normal(k_noise, (b, self.latent_channels, 2 * grid[0],
+                                                2 * grid[1]), _F32)
+            latents = pack(noise)
+        else:
+            latents = jnp.asarray(latents, _F32)
+            if latents.ndim == 4:
+                latents = pack(latents)
+            if latents.shape != (b, n, d):
+                raise ValueError(f"latents must be packed [{b}, {n}, {d}] or NCHW [{b}, "
+                                 f"{self.latent_channels}, {2 * grid[0]}, {2 * grid[1]}] for "
+                                 f"{height}x{width} images, got {tuple(latents.shape)}")
+        sched = self.scheduler
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        if sched.use_dynamic_shifting and mu is None:
+            mu = sched.mu(n)
+        state = sched.set_timesteps(num_inference_steps, sigmas=sigmas, mu=mu)
+        tc = self.transformer.config
+        guidance = None
+        if tc.guidance_embeds:
+            g = self.default_guidance_scale if guidance_scale is None else guidance_scale
+            guidance = jnp.full((b,), g, _F32)
+        cond = {"embeds": embeds, "pooled": pooled, "guidance": guidance,
+                "img_ids": jnp.asarray(image_ids(*grid)),
+                "txt_ids": jnp.zeros((embeds.shape[1], 3), _F32)}
+        static = FluxSampleConfig(num_inference_steps, b, grid, embeds.shape[1], merge,
+                                  output_type != "latent")
+        if merge is not None:
+            self.transformer.check_merge(merge, grid, key=k_loop)
+        merge_state = None
+        if merge is not None and merge.carries_cache:
+            merge_state = self.transformer.init_merge_state((b, n, d), embeds.shape, merge,
+                                                            grid=grid)
+        needs_key = merge is not None and getattr(merge, "use_rand", False)
+        return static, (cond, latents, state, merge_state, k_loop if needs_key else None)
+
+    def _program(self, static, args):
+        sig = jax.tree_util.tree_structure(args), tuple(
+            (np.shape(a), str(a.dtype)) for a in jax.tree_util.tree_leaves(args))
+        cache_key = (static, sig)
+        compile_s = 0.0
+        if cache_key not in self._programs:
+            t0 = time.perf_counter()
+            fn = jax.jit(lambda p, *a: self._sample(static, p, *a))
+            self._programs[cache_key] = fn.lower(self.params(), *args).compile()
+            compile_s = time.perf_counter() - t0
+        return self._programs[cache_key], compile_s
+
+    def compile(self, prompt="", num_inference_steps: int = 28, guidance_scale=None,
+                height=None, width=None, num_images_per_prompt: int = 1, *,
+                max_sequence_length: int = 512, merge=None, output_type="pil", mu=None) -> float:
+        """Compile the sampling program a call with these settings runs (prompts, seeds
+        and guidance values do not matter); returns the seconds spent."""
+        static, args = self._prepare(prompt, num_inference_steps, guidance_scale, height,
+                                     width, num_images_per_prompt, None, None, None,
+                                     max_sequence_length, merge, output_type, mu)
+        return self._program(static, args)[1]
+
+    def __call__(self, prompt, num_inference_steps: int = 28, guidance_scale=None,
+                 height=None, width=None, num_images_per_prompt: int = 1, *, seed=None,
+                 key=None, latents=None, max_sequence_length: int = 512, merge=None,
+                 output_type: str = "pil", progress: bool = False, mu=None) -> PipelineOutput:
+        """Generate images. ``latents``: packed ``[B, N, 64]`` (diffusers' form) or NCHW;
+        ``guidance_scale`` (dev only; default 3.5); ``mu``: the shift (default: from the
+        image size, as diffusers). Returns a `PipelineOutput` (``"latent"``: the packed
+        latents)."""
+        t0 = time.perf_counter()
+        static, args = self._prepare(prompt, num_inference_steps, guidance_scale, height,
+                                     width, num_images_per_prompt, seed, key, latents,
+                                     max_sequence_length, merge, output_type, mu)
+        compile_s = 0.0
+        if progress:
+            out = self._interactive(static, *args)
+        else:
+            program, compile_s = self._program(static, args)
+            out = program(self.params(), *args)
+        out = np.asarray(jax.device_get(out))
+        if output_type == "pil":
+            from PIL import Image
+            out = [Image.fromarray(im) for im in (out * 255).round().astype(np.uint8)]
+        return PipelineOutput(out, compile_s, time.perf_counter() - t0 - compile_s)
+
+    def _interactive(self, static, cond, latents, state, merge_state, key):
+        """The loop from Python, one jitted step per call (the fused loop's body)."""
+        step = jax.jit(lambda p, c, i, carry, k: self._step(static, p, c, i, carry, k))
+        params = self.params()
+        carry = (latents, state, merge_state)
+        bar = Progress(static.steps, desc="flux")
+        for i in range(static.steps):
+            carry = step(params, cond, jnp.int32(i), carry, key)
+            jax.block_until_ready(carry[0])
+            bar.update()
+        bar.close()
+        if not static.decode:
+            return carry[0]
+        return jax.jit(lambda p, x: self._decode(p, x, static))(params, carry[0])
+
+
+def load_flux_pipeline(root, dtype=jnp.float32, *, scheduler=None, attention="auto",
+                       param_dtype=None, variant=None, mesh=None) -> FluxPipeline:
+    """A diffusers ``FluxPipeline`` folder (what `load_pipeline` calls for one)."""
+    root = Path(root)
+    index = weights.read_json(root, "model_index.json")
+    needed = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2",
+              "tokenizer_2", "scheduler")
+    for name in needed:
+        if not index.get(name) or not (root / name).is_dir():
+            raise weights.CheckpointError(f"{root} has no {name}/ component; a FluxPipeline "
+                                          f"needs {', '.join(needed)}")
+    if scheduler is None:
+        sched_cfg = weights.read_json(root / "scheduler", "scheduler_config.json")
+        scheduler = FlowMatchEuler.from_config(sched_cfg)
+    elif not isinstance(scheduler, FlowMatchEuler):
+        raise ValueError(f"a FluxPipeline samples with FlowMatchEuler, got {scheduler!r}")
+    common = dict(param_dtype=param_dtype, variant=variant, mesh=mesh)
+    transformer = load_flux_transformer(root / "transformer", dtype, subfolder=None,
+                                        attention=attention, **common)
+    vae = load_vae(root / "vae", dtype, subfolder=None, attention=attention, **common)
+    te = load_text_encoder(root / "text_encoder", dtype, subfolder=None, attention=attention,
+                           **common)
+    t5 = load_t5_encoder(root / "text_encoder_2", dtype, subfolder=None, **common)
+    pipe = FluxPipeline(transformer, vae, te, load_tokenizer(root / "tokenizer", subfolder=None),
+                        t5, load_t5_tokenizer(root / "tokenizer_2", subfolder=None), scheduler)
+    pipe.mesh = mesh
+    return pipe
