@@ -1,4 +1,5 @@
-"""XLA cost of one Flux transformer call per merge method (compiled on the CPU, never run).
+"""XLA cost of one Flux (or SD3.5) transformer call per merge method (compiled on the CPU,
+never run).
 
 The Flux.1-dev architecture (19 double + 38 single blocks, 3072 channels, guidance
 embedding) at ``--size`` px (1024: a 64x64 packed latent, 4096 image tokens) with
@@ -8,7 +9,11 @@ switched off so that ``cost_analysis()`` counts every attention FLOP (a chunked
 ``lax.map`` body is counted once). FLOPs are per transformer call; a 28-step image costs
 28 (x2 with true CFG) calls::
 
-    python benchmarks/flux_cost.py --out results/flux_cost_cpu.json
+    python benchmarks/flux_cost.py --out docs/flux_cost_cpu.json
+    python benchmarks/flux_cost.py --model sd35-medium --out docs/sd35_cost_cpu.json
+
+``--model sd35-medium``: the SD3.5-medium MMDiT (24 blocks, 1536 channels, dual attention
+in blocks 0-12, qk-norm) with 333 text tokens (77 CLIP + 256 T5).
 """
 from __future__ import annotations
 
@@ -27,6 +32,11 @@ import common  # noqa: E402
 FLUX_DEV = dict(num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                 in_channels=64, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
+                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                   caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+                   pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+                   qk_norm="rms_norm")
 TINY = dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=32, pooled_projection_dim=16, in_channels=16,
             guidance_embeds=True, axes_dims_rope=(4, 6, 6))
@@ -43,6 +53,25 @@ def methods(ratio: float) -> dict:
     }
 
 
+def sd3_cost(model, merge, batch, grid, text):
+    cfg, spec = model.config, jax.ShapeDtypeStruct
+    p = cfg.patch_size
+    args = (spec((batch, cfg.in_channels, grid[0] * p, grid[1] * p), model.dtype),
+            spec((batch, text, cfg.joint_attention_dim), model.dtype),
+            spec((batch, cfg.pooled_projection_dim), model.dtype), spec((batch,), jnp.float32))
+    fn = jax.jit(lambda prm, *a: model.apply(prm, *a, merge=merge).sample)
+    return compiled_cost(fn, model.params, args)
+
+
+def compiled_cost(fn, params, args):
+    t0 = time.perf_counter()
+    compiled = fn.lower(params, *args).compile()
+    info = compiled.cost_analysis()
+    info = info[0] if isinstance(info, (list, tuple)) else info
+    return {"flops": float(info["flops"]), "bytes": float(info["bytes accessed"]),
+            "compile_s": time.perf_counter() - t0}
+
+
 def cost(model, merge, batch, grid, text):
     from retom_jax.models.flux import image_ids
     cfg, spec = model.config, jax.ShapeDtypeStruct
@@ -53,19 +82,16 @@ def cost(model, merge, batch, grid, text):
             jnp.asarray(image_ids(*grid)), jnp.zeros((text, 3), jnp.float32),
             spec((batch,), jnp.float32))
     fn = jax.jit(lambda p, *a: model.apply(p, *a, merge=merge, grid=grid).sample)
-    t0 = time.perf_counter()
-    compiled = fn.lower(model.params, *args).compile()
-    info = compiled.cost_analysis()
-    info = info[0] if isinstance(info, (list, tuple)) else info
-    return {"flops": float(info["flops"]), "bytes": float(info["bytes accessed"]),
-            "compile_s": time.perf_counter() - t0}
+    return compiled_cost(fn, model.params, args)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--text", type=int, default=512)
+    p.add_argument("--model", choices=["flux-dev", "sd35-medium"], default="flux-dev")
+    p.add_argument("--text", type=int, default=None,
+                   help="text tokens (default: 512 T5 for Flux, 77 CLIP + 256 T5 for SD3.5)")
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--methods", nargs="+", default=list(methods(0.5)))
@@ -74,9 +100,22 @@ def main(argv=None):
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     from retom_jax import attention
     from retom_jax.models.flux import abstract_flux_transformer
+    from retom_jax.models.sd3 import abstract_sd3_transformer
 
     attention.XLA_CHUNK_BYTES = math.inf  # count every attention FLOP (see the docstring)
-    model = abstract_flux_transformer(TINY if args.tiny else FLUX_DEV, dtype=args.dtype)
+    sd3 = args.model == "sd35-medium"
+    if args.text is None:
+        args.text = 333 if sd3 else 512
+    if sd3:
+        tiny = dict(TINY, caption_projection_dim=32, pos_embed_max_size=64, num_layers=2,
+                    dual_attention_layers=(0,), qk_norm="rms_norm")
+        for k in ("num_single_layers", "guidance_embeds", "axes_dims_rope"):
+            tiny.pop(k)
+        model = abstract_sd3_transformer(tiny if args.tiny else SD35_MEDIUM, dtype=args.dtype)
+        measure = sd3_cost
+    else:
+        model = abstract_flux_transformer(TINY if args.tiny else FLUX_DEV, dtype=args.dtype)
+        measure = cost
     side = args.size // 16  # VAE /8, then 2x2 patches
     grid = (side, side)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
@@ -87,7 +126,7 @@ def main(argv=None):
     for name in ["none"] + [m for m in args.methods if m != "none"]:
         row = dict(method=name, merge=repr(table[name]), size=args.size, batch=args.batch,
                    text=args.text, ratio=args.ratio,
-                   **cost(model, table[name], args.batch, grid, args.text))
+                   model=args.model, **measure(model, table[name], args.batch, grid, args.text))
         row["flops_vs_none"] = row["flops"] / (rows.get("none") or row)["flops"]
         rows[name] = writer.add(row)
         print(f"{name:12s} {row['flops'] / 1e12:9.2f} TFLOP  x{row['flops_vs_none']:.3f}  "
