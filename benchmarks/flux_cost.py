@@ -98,7 +98,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="a tiny architecture (smoke test)")
     p.add_argument("--out", help="JSON file to write")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    from retom_jax import attention
+    from retom_jax.models import attention
     from retom_jax.models.flux import abstract_flux_transformer
     from retom_jax.models.sd3 import abstract_sd3_transformer
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import retom_jax as rj
-from retom_jax.flux_pipeline import FluxPipeline, load_flux_pipeline, pack
+from retom_jax.pipelines.flux import FluxPipeline, load_flux_pipeline, pack
 from tests.flux_helpers import TEXT_TOKENS, save_flux
 from tests.util import assert_close, rel_err
 
@@ -67,3 +67,14 @@ def test_load_pipeline_dispatches_and_checks(dev):
     with pytest.raises(ValueError, match="latents must be packed"):
         pipe("a cat", height=32, width=32, latents=np.zeros((1, 10, 64), np.float32),
              max_sequence_length=TEXT_TOKENS)
+
+
+def test_cli_generate(dev, tmp_path, capsys):
+    from retom_jax.cli import main
+    _, _, folder = dev
+    out = tmp_path / "flux.png"
+    assert main(["generate", "--model", str(folder), "--prompt", "a red cat", "--steps", "1",
+                 "--height", "16", "--width", "16", "--out", str(out), "--merge", "retom",
+                 "--ratio", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "loaded FluxPipeline" in text and "merge_mlp=True" in text

@@ -3,7 +3,7 @@ existing VAE as a config variant, parity with diffusers' AutoencoderKL."""
 import numpy as np
 import torch
 
-from retom_jax.vae import load_vae
+from retom_jax.models.vae import load_vae
 from tests.test_vae import TOL, make_torch_vae, randn
 from tests.util import assert_close
 

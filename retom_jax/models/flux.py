@@ -38,11 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .. import sharding, weights
-from ..attention import check_implementation, dot_product_attention
-from ..layers import Identity, TimestepEmbedding, linear, timestep_embedding
+from . import weights
+from .attention import check_implementation, dot_product_attention
+from .layers import Identity, TimestepEmbedding, linear, timestep_embedding
 from ..merge import BlockMerge, MergeMethod
-from ..unet import MergeContext
+from .unet import MergeContext
 
 # --------------------------------------------------------------------------- config
 

@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .. import weights
-from ..attention import check_implementation, dot_product_attention
-from ..layers import Identity, conv, linear
+from . import weights
+from .attention import check_implementation, dot_product_attention
+from .layers import Identity, conv, linear
 from ..merge import BlockMerge, MergeMethod
-from ..unet import MergeContext
+from .unet import MergeContext
 from .flux import AdaNorm, FeedForward, TimeTextEmbed, modulate, plain_norm, rms_norm
 
 

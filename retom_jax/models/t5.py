@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .. import weights
-from ..layers import linear
+from . import weights
+from .layers import linear
 
 FEED_FORWARDS = ("gated-gelu", "relu", "gated-relu", "gelu")
 
@@ -258,7 +258,7 @@ def load_t5_tokenizer(path, subfolder: str | None = "tokenizer_2"):
     (``subfolder``) or a cached repo id; local files only."""
     from pathlib import Path
 
-    from ..clip import quiet_transformers
+    from .clip import quiet_transformers
 
     local = Path(str(path)).expanduser()
     folder = local / subfolder if subfolder and (local / subfolder).is_dir() else local

@@ -1,4 +1,5 @@
-"""Text-to-image pipelines with token merging: Stable Diffusion 1.x/2.x and SDXL.
+"""Text-to-image pipelines with token merging: Stable Diffusion 1.x/2.x, SDXL and Flux.1
+(:mod:`.flux`).
 
 :mod:`.request` (what selects a compiled program, the call's request and output),
 :mod:`.base` (the sampling machinery every pipeline shares), :mod:`.stable_diffusion`
@@ -8,13 +9,15 @@
 runs), :mod:`.save` (writing diffusers folders).
 """
 from .base import Pipeline
+from .flux import FluxPipeline, load_flux_pipeline
 from .loading import (PIPELINE_CLASSES, default_guidance_scale, load_pipeline,
                       pipeline_folder, read_model_index)
 from .request import OUTPUT_TYPES, SEED_LIMIT, PipelineOutput, SampleConfig, seed_key
 from .save import save_pipeline, save_unet
 from .stable_diffusion import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-__all__ = ["Pipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline",
+__all__ = ["Pipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "FluxPipeline",
+           "load_flux_pipeline",
            "PipelineOutput", "SampleConfig", "OUTPUT_TYPES", "SEED_LIMIT", "seed_key",
            "PIPELINE_CLASSES", "load_pipeline", "pipeline_folder", "read_model_index",
            "default_guidance_scale", "save_pipeline", "save_unet"]

@@ -16,6 +16,7 @@ from ..models.vae import load_vae
 from ..models.lora import parse_lora_spec
 from ..models.weights import CheckpointError, alias_folder, cached_snapshot, read_json
 from .base import Pipeline
+from .flux import FluxPipeline, load_flux_pipeline
 from .request import make_scheduler
 from .stable_diffusion import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -69,7 +70,8 @@ def default_guidance_scale(path_or_repo_id) -> float:
 def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attention="auto",
                   param_dtype=None, variant: str | None = None, lora=(),
                   mesh=None):
-    """Load a diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` folder.
+    """Load a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
+    ``FluxPipeline`` folder (`FluxPipeline`, see ``pipelines/flux.py``).
 
     ``path_or_repo_id``: a pipeline folder (with ``model_index.json``) or a repo id in the
     local Hugging Face cache. ``dtype``: compute dtype of every model (``param_dtype``, the
@@ -93,10 +95,18 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
     root = pipeline_folder(path_or_repo_id)
     index = read_model_index(root)
     cls_name = index.get("_class_name")
+    if cls_name == "FluxPipeline":
+        if loras:
+            raise ValueError("LoRA files are not supported for Flux pipelines yet")
+        if isinstance(scheduler, str):
+            raise ValueError(f"a FluxPipeline samples with its flow-matching scheduler "
+                             f"(FlowMatchEuler); scheduler={scheduler!r} does not apply")
+        return load_flux_pipeline(root, dtype, scheduler=scheduler, attention=attention,
+                                  param_dtype=param_dtype, variant=variant, mesh=mesh)
     if cls_name not in PIPELINE_CLASSES:
         raise CheckpointError(
             f"{root}/model_index.json describes a {cls_name!r}; retom-jax loads "
-            f"{', '.join(PIPELINE_CLASSES)}")
+            f"{', '.join(PIPELINE_CLASSES)}, FluxPipeline")
     cls, needed = PIPELINE_CLASSES[cls_name]
     for name in needed:
         entry = index.get(name)

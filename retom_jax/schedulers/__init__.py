@@ -27,9 +27,11 @@ import numpy as np
 
 from .alpha import DDIM, PNDM
 from .core import DDIMState, DPMState, PLMSState, SigmaState
+from .flow_match import FlowMatchEuler, FlowMatchState
 from .sigma import DPMSolverMultistep, Euler, EulerAncestral
 
-__all__ = ["DDIM", "PNDM", "Euler", "EulerAncestral", "DPMSolverMultistep", "DDIMState",
+__all__ = ["DDIM", "PNDM", "Euler", "EulerAncestral", "DPMSolverMultistep", "FlowMatchEuler",
+           "FlowMatchState", "DDIMState",
            "PLMSState", "SigmaState", "DPMState", "SCHEDULER_CLASSES", "SCHEDULER_NAMES",
            "from_config", "load_scheduler"]
 
@@ -43,6 +45,7 @@ SCHEDULER_CLASSES = {
     "EulerDiscreteScheduler": Euler,
     "EulerAncestralDiscreteScheduler": EulerAncestral,
     "DPMSolverMultistepScheduler": DPMSolverMultistep,
+    "FlowMatchEulerDiscreteScheduler": FlowMatchEuler,
 }
 
 # Short name -> (diffusers class, forced options).
@@ -108,6 +111,8 @@ def from_config(config: Mapping[str, Any], name: Optional[str] = None, **overrid
             )
     cls = SCHEDULER_CLASSES[cls_name]
     merged = {**dict(config), **forced, **overrides}
+    if cls is FlowMatchEuler:  # flow matching: its own options (null shifts: defaults)
+        return FlowMatchEuler.from_config(merged)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(overrides) - fields
     if unknown:

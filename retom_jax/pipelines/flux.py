@@ -28,15 +28,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import weights
-from .clip import load_text_encoder, load_tokenizer, tokenize
-from .flow_match import FlowMatchEuler
-from .merge import MergeMethod
-from .models.flux import image_ids, load_flux_transformer
-from .models.t5 import load_t5_encoder, load_t5_tokenizer
-from .pipeline import PipelineOutput, seed_key
-from .progress import Progress
-from .vae import load_vae
+from ..merge import MergeMethod
+from ..models import weights
+from ..models.clip import load_text_encoder, load_tokenizer, tokenize
+from ..models.flux import image_ids, load_flux_transformer
+from ..models.t5 import load_t5_encoder, load_t5_tokenizer
+from ..models.vae import load_vae
+from ..progress import Progress
+from ..schedulers.flow_match import FlowMatchEuler
+from .request import PipelineOutput, seed_key
 
 _F32 = jnp.float32
 OUTPUT_TYPES = ("pil", "np", "latent")
