@@ -238,12 +238,14 @@ def test_sigterm_finishes_the_request_in_flight_and_refuses_new_ones(tmp_path):
         assert r.status_code == 200 and len(r.json()["images"]) == 1
         with pytest.raises(httpx.TransportError):
             httpx.post(url + "/sdapi/v1/txt2img", json={"prompt": "x"}, timeout=5)
-        assert proc.wait(60) == 0
+        # uvicorn re-raises the signal once it has shut down cleanly
+        assert proc.wait(60) in (0, -signal.SIGTERM)
     finally:
         if proc.poll() is None:
             proc.kill()
         log = proc.communicate()[0]
-    assert "Finished server process" in log or "Shutting down" in log, log[-2000:]
+    assert "Waiting for application shutdown" in log and "Finished server process" in log, \
+        log[-2000:]
 
 
 def _chromium():
