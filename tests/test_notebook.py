@@ -48,6 +48,7 @@ def test_notebook_runs_on_the_demo_model(tmp_path, monkeypatch):
                      for o in c.outputs if o.get("output_type") == "stream")
     assert "not installing" in text and "CPU backend" in text
     assert "demo model (tiny, trained on coloured shapes)" in text
+    assert "serving the page on http://127.0.0.1:" in text  # the web page cell returned
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     kinds = [k for o in outputs for k in o.get("data", {})]
     # the side-by-side images, img2img, the sweep plot and the merge map
