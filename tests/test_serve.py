@@ -198,6 +198,14 @@ def test_native_options_jobs_and_merge_map(server):
             break
         time.sleep(0.05)
     assert s["state"] == "done" and s["images"] == r.json()["images"]
+    init = r.json()["images"][0]
+    i2i = post(server.url, "/sdapi/v1/img2img", {"prompt": PROMPTS[1], "seed": 3, "steps": 2,
+                                                 "init_images": ["data:image/png;base64,"
+                                                                 + init],
+                                                 "denoising_strength": 0.5})
+    assert i2i.status_code == 200, i2i.text
+    assert png_array(i2i.json()["images"][0]).shape == png_array(init).shape
+    assert i2i.json()["images"][0] != init
     m = post(server.url, "/retom/v1/generate", {**body, "merge_map": {"step": 1}}).json()
     assert png_array(m["merge_map"]).shape[1] > png_array(m["images"][0]).shape[1]
 
@@ -205,7 +213,8 @@ def test_native_options_jobs_and_merge_map(server):
 def test_load_on_loopback(server):
     """300 requests from 32 concurrent clients: every one answered once, with its own
     seed; the figures are printed (pytest -s) and documented in docs/serve.md."""
-    out = load_test(server.url, requests=300, clients=32, steps=1, time_limit=240)
+    server.app.state.engine.warmup()  # buckets 1 and 4 at STEPS compiled (if not yet)
+    out = load_test(server.url, requests=300, clients=32, steps=STEPS, time_limit=240)
     print(json.dumps(out))
     assert out["errors"] == [] and out["lost"] == 0 and out["wrong_or_twice"] == []
     assert out["answered"] == 300 and out["server_answered"] == 300
