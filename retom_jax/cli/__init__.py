@@ -7,13 +7,13 @@ import argparse
 import sys
 import warnings
 
-from . import bench, eval, generate, train
+from . import bench, eval, generate, serve, train
 from .options import HelpFormatter, Parser
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
 # The subcommands, in the order ``--help`` lists them.
-SUBCOMMANDS = (generate, eval, train, bench)
+SUBCOMMANDS = (generate, eval, train, serve, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

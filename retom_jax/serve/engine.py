@@ -62,7 +62,7 @@ class Payload:
 def initial_noise(pipe, seeds, height: int, width: int) -> jax.Array:
     """``[len(seeds), C, h, w]``: row ``i`` the initial noise ``pipe(..., seed=seeds[i])``
     draws for one image (the seed's key split once, the first half drawing the noise)."""
-    from ..pipeline import seed_key
+    from ..pipelines import seed_key
 
     f = pipe.vae_scale_factor
     shape = (1, pipe.unet.config.in_channels, height // f, width // f)

@@ -158,29 +158,20 @@ def scheduler_name(name: Optional[str]) -> Optional[str]:
 def merge_from_options(m: MergeOptions, first_level: int):
     """The merge config (``ReToM(...)``, ...) of ``m``, or None; RequestError for an
     option of another method or a value the method refuses."""
-    from ..merge import ReToM, ToDo, ToMe
+    from ..merge import METHOD_OPTIONS, from_options
 
-    users = {"ratio": ("tome", "retom"), "window": ("tome", "retom"), "matching": ("retom",),
-             "cache_step": ("retom",), "todo_factor": ("todo",),
-             "max_downsample": ("tome", "retom", "todo")}
-    for name, methods in users.items():
+    for name in ("ratio", "window", "matching", "cache_step", "todo_factor", "max_downsample"):
+        methods = METHOD_OPTIONS[name]
         if getattr(m, name) is not None and m.method not in methods:
             raise RequestError(f"merge.{name} is an option of {' or '.join(methods)}, not of "
                                f"{m.method}")
-    down = m.max_downsample or first_level
-    ratio = 0.5 if m.ratio is None else m.ratio
-    window = tuple(m.window or (2, 2))
+    given = {"ratio": m.ratio, "window": None if m.window is None else tuple(m.window),
+             "matching": m.matching, "cache_step": m.cache_step, "todo_factor": m.todo_factor}
     try:
-        if m.method == "tome":
-            return ToMe(ratio=ratio, max_downsample=down, sy=window[0], sx=window[1])
-        if m.method == "retom":
-            return ReToM(ratio=ratio, window=window, matching=m.matching or "local",
-                         cache_step=m.cache_step, max_downsample=down)
-        if m.method == "todo":
-            return ToDo(factor=m.todo_factor or 2, max_downsample=down)
+        return from_options(m.method, max_downsample=m.max_downsample or first_level,
+                            **{k: v for k, v in given.items() if v is not None})
     except ValueError as e:
         raise RequestError(f"merge: {e}") from None
-    return None
 
 
 def decode_image(text: str, what: str = "init_images") -> np.ndarray:
