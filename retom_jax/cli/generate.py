@@ -196,23 +196,25 @@ def generate(args, parser) -> int:
 
 
 def _generate_flux(args, parser, pipe, paths) -> int:
-    """``generate`` for a Flux pipeline: distilled guidance (dev; default 3.5), no negative
-    prompt or SD call options; the merge method merges attention and MLP (where merging
-    pays in a transformer, see docs/transformers.md)."""
+    """``generate`` for a diffusion transformer pipeline (Flux, and SD3 which shares its
+    machinery): no SD call options; Flux takes no negative prompt (distilled guidance);
+    the merge method merges attention and MLP (where merging pays in a transformer, see
+    docs/transformers.md)."""
     import dataclasses
 
     unsupported = [f"--{k.replace('_', '-')}" for k in feature_options(args)]
-    if args.negative_prompt is not None:
+    if args.negative_prompt is not None and type(pipe) is FluxPipeline:
         unsupported.append("--negative-prompt")
     if args.merge_map:
         unsupported.append("--merge-map")
     if unsupported:
-        parser.error(f"{', '.join(unsupported)}: not supported for a FluxPipeline")
+        parser.error(f"{', '.join(unsupported)}: not supported for a {type(pipe).__name__}")
     try:
         merge = merge_from_args(args, 1)
         if merge is not None and hasattr(merge, "merge_mlp"):
             merge = dataclasses.replace(merge, merge_mlp=True)
-        options = dict(num_inference_steps=args.steps, guidance_scale=args.guidance,
+        options = dict(negative_prompt=args.negative_prompt,
+                       num_inference_steps=args.steps, guidance_scale=args.guidance,
                        height=args.height, width=args.width,
                        num_images_per_prompt=args.num_images, merge=merge)
         print("compiling ... (once per size, step count and merge setting)", flush=True)

@@ -233,7 +233,21 @@ class SD3Transformer(weights.LoadedModel):
         if not isinstance(merge, MergeMethod):
             raise ValueError(f"merge must be ToMe, ReToM or ToDo (or None), got {merge!r}")
         merge.check({1: tuple(grid)}, key)
-        merge.check_state(merge_state)
+        if merge_state is not None:
+            merge.check_state(merge_state)
+
+    def init_merge_state(self, sample_shape, text_shape, merge):
+        """Zero state for ``ReToM(cache_step=...)`` (see ``UNet.init_merge_state``)."""
+        if merge is None or not merge.carries_cache:
+            raise ValueError("init_merge_state needs ReToM(cache_step=...): nothing else carries state")
+        spec = lambda s: jax.ShapeDtypeStruct(s, self.dtype)  # noqa: E731
+        b = sample_shape[0]
+        out = jax.eval_shape(
+            lambda p, x, e: self.apply(p, x, e, jnp.zeros((b, self.config.pooled_projection_dim),
+                                                          self.dtype), jnp.zeros((b,)),
+                                       merge=merge),
+            self.params, spec(sample_shape), spec(text_shape))
+        return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out.merge_state)
 
     def apply(self, params, sample, encoder_hidden_states, pooled, timestep, *, merge=None,
               merge_state=None, key=None, attention=None, reuse=None) -> SD3Output:
@@ -258,6 +272,7 @@ class SD3Transformer(weights.LoadedModel):
                              f"multiples of {c.patch_size}, got {getattr(sample, 'shape', None)}")
         if merge is not None:
             self.check_merge(merge, self.grid(sample.shape), key, merge_state)
+            merge.check_state(merge_state)
         return self._jitted(self.params, sample, encoder_hidden_states, pooled_projections,
                             timestep, merge=merge, merge_state=merge_state, key=key,
                             attention=attention, reuse=reuse)

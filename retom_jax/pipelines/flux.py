@@ -74,6 +74,7 @@ class FluxPipeline:
     ``scheduler`` (`FlowMatchEuler`)."""
 
     default_guidance_scale = 3.5
+    max_sequence_length = 512  # T5 tokens
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                  scheduler: FlowMatchEuler):
@@ -82,6 +83,7 @@ class FluxPipeline:
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.scheduler = scheduler
         self.mesh = None
+        self.folder = None  # the folder it was loaded from
         self._programs: dict = {}
         self._encode_jit = jax.jit(self._encode)
 
@@ -157,7 +159,10 @@ class FluxPipeline:
 
     def _prepare(self, prompt, num_inference_steps, guidance_scale, height, width,
                  num_images_per_prompt, seed, key, latents, max_sequence_length, merge,
-                 output_type, mu):
+                 output_type, mu, negative_prompt=None):
+        if negative_prompt is not None:
+            raise ValueError("negative_prompt: Flux's distilled guidance takes none (diffusers' "
+                             "true CFG is not implemented)")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -235,18 +240,21 @@ class FluxPipeline:
 
     def compile(self, prompt="", num_inference_steps: int = 28, guidance_scale=None,
                 height=None, width=None, num_images_per_prompt: int = 1, *,
-                max_sequence_length: int = 512, merge=None, output_type="pil", mu=None) -> float:
+                negative_prompt=None, max_sequence_length: int | None = None, merge=None,
+                output_type="pil", mu=None) -> float:
         """Compile the sampling program a call with these settings runs (prompts, seeds
         and guidance values do not matter); returns the seconds spent."""
         static, args = self._prepare(prompt, num_inference_steps, guidance_scale, height,
                                      width, num_images_per_prompt, None, None, None,
-                                     max_sequence_length, merge, output_type, mu)
+                                     max_sequence_length or self.max_sequence_length, merge,
+                                     output_type, mu, negative_prompt)
         return self._program(static, args)[1]
 
     def __call__(self, prompt, num_inference_steps: int = 28, guidance_scale=None,
-                 height=None, width=None, num_images_per_prompt: int = 1, *, seed=None,
-                 key=None, latents=None, max_sequence_length: int = 512, merge=None,
-                 output_type: str = "pil", progress: bool = False, mu=None) -> PipelineOutput:
+                 height=None, width=None, num_images_per_prompt: int = 1, *,
+                 negative_prompt=None, seed=None, key=None, latents=None,
+                 max_sequence_length: int | None = None, merge=None, output_type: str = "pil",
+                 progress: bool = False, mu=None) -> PipelineOutput:
         """Generate images. ``latents``: packed ``[B, N, 64]`` (diffusers' form) or NCHW;
         ``guidance_scale`` (dev only; default 3.5); ``mu``: the shift (default: from the
         image size, as diffusers). Returns a `PipelineOutput` (``"latent"``: the packed
@@ -254,7 +262,8 @@ class FluxPipeline:
         t0 = time.perf_counter()
         static, args = self._prepare(prompt, num_inference_steps, guidance_scale, height,
                                      width, num_images_per_prompt, seed, key, latents,
-                                     max_sequence_length, merge, output_type, mu)
+                                     max_sequence_length or self.max_sequence_length, merge,
+                                     output_type, mu, negative_prompt)
         compile_s = 0.0
         if progress:
             out = self._interactive(static, *args)
@@ -308,5 +317,5 @@ def load_flux_pipeline(root, dtype=jnp.float32, *, scheduler=None, attention="au
     t5 = load_t5_encoder(root / "text_encoder_2", dtype, subfolder=None, **common)
     pipe = FluxPipeline(transformer, vae, te, load_tokenizer(root / "tokenizer", subfolder=None),
                         t5, load_t5_tokenizer(root / "tokenizer_2", subfolder=None), scheduler)
-    pipe.mesh = mesh
+    pipe.mesh, pipe.folder = mesh, root
     return pipe

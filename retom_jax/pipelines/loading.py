@@ -17,6 +17,7 @@ from ..models.lora import parse_lora_spec
 from ..models.weights import CheckpointError, alias_folder, cached_snapshot, read_json
 from .base import Pipeline
 from .flux import FluxPipeline, load_flux_pipeline
+from .sd3 import StableDiffusion3Pipeline, load_sd3_pipeline
 from .request import make_scheduler
 from .stable_diffusion import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -71,7 +72,8 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
                   param_dtype=None, variant: str | None = None, lora=(),
                   mesh=None):
     """Load a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
-    ``FluxPipeline`` folder (`FluxPipeline`, see ``pipelines/flux.py``).
+    ``FluxPipeline`` / ``StableDiffusion3Pipeline`` folder (``pipelines/flux.py``,
+    ``pipelines/sd3.py``).
 
     ``path_or_repo_id``: a pipeline folder (with ``model_index.json``) or a repo id in the
     local Hugging Face cache. ``dtype``: compute dtype of every model (``param_dtype``, the
@@ -95,18 +97,19 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
     root = pipeline_folder(path_or_repo_id)
     index = read_model_index(root)
     cls_name = index.get("_class_name")
-    if cls_name == "FluxPipeline":
+    if cls_name in ("FluxPipeline", "StableDiffusion3Pipeline"):
         if loras:
-            raise ValueError("LoRA files are not supported for Flux pipelines yet")
+            raise ValueError(f"LoRA files are not supported for a {cls_name} yet")
         if isinstance(scheduler, str):
-            raise ValueError(f"a FluxPipeline samples with its flow-matching scheduler "
+            raise ValueError(f"a {cls_name} samples with its flow-matching scheduler "
                              f"(FlowMatchEuler); scheduler={scheduler!r} does not apply")
-        return load_flux_pipeline(root, dtype, scheduler=scheduler, attention=attention,
-                                  param_dtype=param_dtype, variant=variant, mesh=mesh)
+        load = load_flux_pipeline if cls_name == "FluxPipeline" else load_sd3_pipeline
+        return load(root, dtype, scheduler=scheduler, attention=attention,
+                    param_dtype=param_dtype, variant=variant, mesh=mesh)
     if cls_name not in PIPELINE_CLASSES:
         raise CheckpointError(
             f"{root}/model_index.json describes a {cls_name!r}; retom-jax loads "
-            f"{', '.join(PIPELINE_CLASSES)}, FluxPipeline")
+            f"{', '.join(PIPELINE_CLASSES)}, FluxPipeline, StableDiffusion3Pipeline")
     cls, needed = PIPELINE_CLASSES[cls_name]
     for name in needed:
         entry = index.get(name)
