@@ -278,7 +278,11 @@ class FluxPipeline:
 
     def _interactive(self, static, cond, latents, state, merge_state, key):
         """The loop from Python, one jitted step per call (the fused loop's body)."""
-        step = jax.jit(lambda p, c, i, carry, k: self._step(static, p, c, i, carry, k))
+        if ("step", static) not in self._programs:  # kept: a second call compiles nothing
+            self._programs["step", static] = jax.jit(
+                lambda p, c, i, carry, k: self._step(static, p, c, i, carry, k))
+            self._programs["decode", static] = jax.jit(lambda p, x: self._decode(p, x, static))
+        step, decode = self._programs["step", static], self._programs["decode", static]
         params = self.params()
         carry = (latents, state, merge_state)
         bar = Progress(static.steps, desc="flux")
@@ -289,7 +293,7 @@ class FluxPipeline:
         bar.close()
         if not static.decode:
             return carry[0]
-        return jax.jit(lambda p, x: self._decode(p, x, static))(params, carry[0])
+        return decode(params, carry[0])
 
 
 def load_flux_pipeline(root, dtype=jnp.float32, *, scheduler=None, attention="auto",
