@@ -129,7 +129,8 @@ def test_bad_requests_get_json_errors_and_the_server_serves_on(server):
     for body in [{"prompt": "x", "merge": {"method": "retom", "todo_factor": 2}},
                  {"prompt": "x", "merge": {"method": "retom", "ratio": 2.0}},
                  {"prompt": "x", "merge": {"method": "todo"}, "merge_map": {}},
-                 {"prompt": "x", "lora_scale": 0.5}, {"prompt": "x", "unknown": 1}]:
+                 {"prompt": "x", "lora_scale": 0.5}, {"prompt": "x", "unknown": 1},
+                 {"prompt": "x", "step_cache": {"interval": 0}}]:
         r = post(server.url, "/retom/v1/generate", body)
         assert r.status_code == 422 and "error" in r.json(), (body, r.text)
     big = b'{"prompt": "' + b"x" * (17 * 2 ** 20) + b'"}'

@@ -169,7 +169,7 @@ class Engine:
         group = self._group(scheduler=scheduler_name(r.sampler_name or r.sampler_index),
                             steps=steps, height=height, width=width, guidance=r.cfg_scale,
                             merge=self.merge, lora_scale=None, eta=r.eta, rescale=None,
-                            negatives=[negative], alone=img2img)
+                            negatives=[negative], step_cache=self.step_cache, alone=img2img)
         seeds = [seed + i for i in range(n)]
         payload = Payload([r.prompt] * n, [negative] * n, seeds, images, strength)
         info = {"prompt": r.prompt, "all_prompts": [r.prompt] * n,
@@ -218,13 +218,25 @@ class Engine:
                 "merge": "none" if merge is None else repr(merge),
                 "merge_method": "none" if merge is None else type(merge).__name__.lower(),
                 "lora_scale": group.lora_scale if self.loras else None,
-                "step_cache": r.step_cache}
+                "step_cache": None if step_cache is None else repr(step_cache)}
         return Job(None if group.alone else group, n, (group, payload)), info
 
     def _step_cache(self, spec):
-        if spec is None or spec == "none":
+        """The StepCache of a request's ``step_cache`` (None: the server's)."""
+        if spec is None:
             return self.step_cache
-        raise RequestError("step_cache: this server's pipeline has no step cache")
+        try:
+            from ..pipelines import StepCache
+        except ImportError:
+            raise RequestError("step_cache: this retom-jax has no step cache") from None
+        if spec.interval == 1:
+            return None
+        try:
+            cache = StepCache(spec.interval, spec.depth)
+            cache.check(len(self.pipe.unet.config.block_out_channels))
+        except ValueError as e:
+            raise RequestError(f"step_cache: {e}") from None
+        return cache
 
     # -- pipelines
 

@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["Txt2ImgRequest", "Img2ImgRequest", "GenerateRequest", "MergeOptions",
-           "MergeMapOptions", "ImagesResponse", "GenerateResponse", "Limits", "RequestError",
+           "MergeMapOptions", "StepCacheOptions", "ImagesResponse", "GenerateResponse", "Limits", "RequestError",
            "SAMPLERS", "scheduler_name", "merge_from_options", "decode_image", "encode_png"]
 
 SEED_MAX = 2 ** 32  # A1111 seeds; -1 draws one
@@ -102,6 +102,15 @@ class MergeMapOptions(BaseModel):
     level: Optional[int] = None
 
 
+class StepCacheOptions(BaseModel):
+    """Step caching (DeepCache): a full UNet call every ``interval`` steps, in between only
+    the outer ``depth`` levels on the cached deeper feature (interval 1: none)."""
+    model_config = ConfigDict(extra="forbid")
+
+    interval: int = Field(ge=1, le=1000)
+    depth: int = Field(1, ge=1, le=16)
+
+
 class GenerateRequest(BaseModel):
     """``POST /retom/v1/generate`` and ``/retom/v1/jobs``: every retom-jax option. Image
     ``i`` of a request is drawn with seed ``seed + i`` (as the A1111 API does)."""
@@ -118,7 +127,7 @@ class GenerateRequest(BaseModel):
     scheduler: Optional[str] = None
     merge: Optional[MergeOptions] = None  # None: the server's --merge
     lora_scale: Optional[float] = None
-    step_cache: Optional[str] = None
+    step_cache: Optional[StepCacheOptions] = None  # None: the server's --step-cache
     eta: Optional[float] = None
     guidance_rescale: Optional[float] = None
     init_image: Optional[str] = None
