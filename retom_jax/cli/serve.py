@@ -99,6 +99,9 @@ def serve(args, parser) -> int:
         pipe = load_pipeline(args.model, args.dtype, scheduler=args.scheduler, mesh=mesh)
     except (CheckpointError, ValueError) as e:
         parser.error(f"--model {args.model}: {e}" if isinstance(e, CheckpointError) else str(e))
+    if getattr(pipe, "unet", None) is None:
+        parser.error(f"--model {args.model}: retom-jax serve runs UNet pipelines (SD 1.x/2.x, "
+                     f"SDXL); {type(pipe).__name__} is not one")
     merge = merge_from_args(args, min(pipe.unet.config.attention_downsamples(), default=1))
     print(f"loaded {type(pipe).__name__} in {time.perf_counter() - t0:.2f} s", flush=True)
     t1 = time.perf_counter()

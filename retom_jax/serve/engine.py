@@ -77,6 +77,9 @@ class Engine:
 
     def __init__(self, pipe, *, limits: Limits = Limits(), buckets=(1, 2, 4, 8),
                  default_steps: int = 20, loras=(), step_cache=None, merge=None):
+        if getattr(pipe, "unet", None) is None:
+            raise ValueError(f"retom-jax serve runs UNet pipelines (SD 1.x/2.x, SDXL); "
+                             f"{type(pipe).__name__} is not one")
         self.pipe, self.limits = pipe, limits
         self.buckets = tuple(sorted(set(int(b) for b in buckets)))
         if not self.buckets or self.buckets[0] < 1:
