@@ -53,8 +53,9 @@ def add_parser(sub):
                         "multiplies the scales")
     add_mesh_options(s, "run on a device mesh, e.g. data=4 (the batch is split over it)")
     b = s.add_argument_group("batching and limits")
-    b.add_argument("--max-batch", type=positive_int, default=8,
-                   help="images gathered into one call at most")
+    b.add_argument("--max-batch", type=positive_int, default=None,
+                   help="images gathered into one call at most (default: the largest of "
+                        "--buckets; buckets above it are dropped)")
     b.add_argument("--max-wait", type=float, default=0.05,
                    help="seconds a request waits for others to share its call")
     b.add_argument("--buckets", type=buckets_arg, default=(1, 2, 4, 8),
@@ -109,7 +110,7 @@ def serve(args, parser) -> int:
         app = create_app(pipe, token=args.token, max_batch=args.max_batch,
                          max_wait=args.max_wait, buckets=args.buckets,
                          limits=Limits(max_side=args.max_side, max_steps=args.max_steps,
-                                       max_images=args.max_batch),
+                                       max_images=args.max_batch or max(args.buckets)),
                          default_steps=args.steps, merge=merge,
                          loras=[tuple(x) for x in args.lora], model_name=args.model,
                          warmup=args.warmup)
