@@ -93,6 +93,7 @@ def test_batched_images_equal_one_at_a_time(pipe, server):
     two = post(server.url, "/sdapi/v1/txt2img", {"prompt": PROMPTS[1], "seed": 10,
                                                  "batch_size": 2}).json()
     assert json.loads(two["info"])["all_seeds"] == [10, 11]
+    assert json.loads(two["info"])["sampler_name"] == "PLMS"  # the demo model's PNDM
     assert np.abs(png_array(two["images"][1]).astype(int)
                   - png_array(r.json()["images"][0]).astype(int)).max() <= 1
 

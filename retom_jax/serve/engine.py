@@ -178,8 +178,9 @@ class Engine:
         info = {"prompt": r.prompt, "all_prompts": [r.prompt] * n,
                 "negative_prompt": r.negative_prompt or "", "seed": seed, "all_seeds": seeds,
                 "steps": steps, "cfg_scale": group.guidance_scale, "width": width,
-                "height": height, "sampler_name": group.scheduler or
-                type(self.pipe.scheduler).__name__, "batch_size": r.batch_size,
+                "height": height, "sampler_name": a1111_sampler(
+                    group.scheduler, type(self.pipe.scheduler).__name__),
+                "batch_size": r.batch_size,
                 "n_iter": r.n_iter}
         if img2img:
             info["denoising_strength"] = strength
@@ -360,6 +361,18 @@ class Engine:
                                 level=x.merge_map.level, seed=x.seeds[0],
                                 negative_prompt=x.negatives[0], **kw).picture
         return images, picture
+
+
+_A1111_NAMES = {"ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_a": "Euler a",
+                "dpm++2m": "DPM++ 2M", "dpm++2m_karras": "DPM++ 2M Karras", "DDIM": "DDIM",
+                "PNDM": "PLMS", "Euler": "Euler", "EulerAncestral": "Euler a",
+                "DPMSolverMultistep": "DPM++ 2M"}
+
+
+def a1111_sampler(name, default_class: str) -> str:
+    """The A1111 name of a scheduler (a retom-jax name, or the model's own class)."""
+    key = name if name is not None else default_class
+    return _A1111_NAMES.get(key, key)
 
 
 def encode_result(result) -> tuple[list[str], Optional[str]]:
