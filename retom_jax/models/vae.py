@@ -119,6 +119,29 @@ class VAEConfig:
                     f"folder (usually the pipeline's vae/ subfolder)")
             return cls(**config_fields(cls, config))
 
+    def _stats(self, use_stats: bool):
+        if not use_stats or self.latents_mean is None or self.latents_std is None:
+            return None
+        shape = (1, -1, 1, 1)
+        return (jnp.asarray(self.latents_mean, jnp.float32).reshape(shape),
+                jnp.asarray(self.latents_std, jnp.float32).reshape(shape))
+
+    def to_model_latents(self, z, use_stats: bool = False):
+        """The VAE's latents ``z`` (NCHW) as the denoiser sees them: normalised by the
+        per-channel ``latents_mean``/``latents_std`` (``use_stats``, as SDXL pipelines
+        with them do) or shifted by ``shift_factor``, then times ``scaling_factor``."""
+        stats = self._stats(use_stats)
+        if stats is not None:
+            return (z - stats[0]) * self.scaling_factor / stats[1]
+        return (z - (self.shift_factor or 0.0)) * self.scaling_factor
+
+    def from_model_latents(self, x, use_stats: bool = False):
+        """The inverse of :meth:`to_model_latents`: what the VAE decoder takes."""
+        stats = self._stats(use_stats)
+        if stats is not None:
+            return x * stats[1] / self.scaling_factor + stats[0]
+        return x / self.scaling_factor + (self.shift_factor or 0.0)
+
     @property
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel along each side (8 for SD and SDXL)."""

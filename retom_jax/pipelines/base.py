@@ -430,13 +430,7 @@ class Pipeline:
         return Carry(x.astype(_F32), state, merge_state)
 
     def _decode(self, params, x):
-        c = self.vae.config
-        if self._uses_latent_stats and c.latents_mean is not None and c.latents_std is not None:
-            mean = jnp.asarray(c.latents_mean, _F32).reshape(1, -1, 1, 1)
-            std = jnp.asarray(c.latents_std, _F32).reshape(1, -1, 1, 1)
-            z = x * std / c.scaling_factor + mean
-        else:
-            z = x / c.scaling_factor
+        z = self.vae.config.from_model_latents(x, self._uses_latent_stats)
         img = self.vae.apply_decode(params["vae"], z.astype(self.vae.dtype)).astype(_F32)
         return jnp.transpose(jnp.clip(img / 2 + 0.5, 0.0, 1.0), (0, 2, 3, 1))
 
@@ -459,13 +453,7 @@ class Pipeline:
         sched, start, rows = static
         k_post, k_noise, k_loop = features.img2img_keys(key)
         z = self.vae.apply_encode(vae_params, images).sample(k_post).astype(_F32)
-        c = self.vae.config
-        if self._uses_latent_stats and c.latents_mean is not None and c.latents_std is not None:
-            mean = jnp.asarray(c.latents_mean, _F32).reshape(1, -1, 1, 1)
-            std = jnp.asarray(c.latents_std, _F32).reshape(1, -1, 1, 1)
-            z = (z - mean) * c.scaling_factor / std
-        else:
-            z = z * c.scaling_factor
+        z = self.vae.config.to_model_latents(z, self._uses_latent_stats)
         z = z[jnp.asarray(rows)]
         noise = jax.random.normal(k_noise, z.shape, _F32)
         return sched.add_noise(state, z, noise, state.timesteps[start]).astype(_F32), k_loop
