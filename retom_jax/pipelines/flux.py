@@ -144,8 +144,7 @@ class FluxPipeline:
 
     def _decode(self, params, packed, static: FluxSampleConfig):
         h, w = (2 * s for s in static.grid)
-        c = self.vae.config
-        z = unpack(packed, h, w) / c.scaling_factor + (c.shift_factor or 0.0)
+        z = self.vae.config.from_model_latents(unpack(packed, h, w))
         img = self.vae.apply_decode(params["vae"], z.astype(self.vae.dtype)).astype(_F32)
         return jnp.transpose(jnp.clip(img / 2 + 0.5, 0.0, 1.0), (0, 2, 3, 1))
 
