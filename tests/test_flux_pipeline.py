@@ -78,3 +78,13 @@ def test_cli_generate(dev, tmp_path, capsys):
                  "--ratio", "0.5"]) == 0
     text = capsys.readouterr().out
     assert out.is_file() and "loaded FluxPipeline" in text and "merge_mlp=True" in text
+
+
+def test_fsdp_mesh_matches_unsharded(tmp_path):
+    """Kernels split over fsdp=4 (4 host devices, one subprocess): the same images."""
+    from tests.util import run_on_host_devices
+    rows = run_on_host_devices("tests.flux_mesh_cases", tmp_path / "mesh.json", devices=4,
+                               timeout=900)
+    assert rows[0]["split_kernels"] > 10
+    for row in rows[1:]:
+        assert row["rel"] < 1e-5, row
