@@ -282,6 +282,11 @@ METHODS = {
     "tome_md2": "ToMe with max_downsample=2 (reaches SDXL's first attention level)",
     "retom": "ReToM, local matching, 2x2 windows, representatives recomputed each call",
     "retom_global": "ReToM, global (bipartite) matching against the representatives",
+    "retom_near": "ReToM, matching against the representatives of the 3x3 nearby windows",
+    "retom_near2": "ReToM, matching against the representatives of the 5x5 nearby windows",
+    "retom_local": "ReToM, local matching (each source into its own window's representative)",
+    "retom_kv": "ReToM(kv_only=True): self-attention's keys/values merged, queries kept",
+    "retom_kv_near": "retom_kv with matching='near'",
     "retom_cached": "ReToM(cache_step=0, cache='representatives') at a step > 0: plan from "
                     "cached representatives",
     "retom_cached_plan": "ReToM(cache_step=0, cache='plan') at a step > 0: cached plan, "
@@ -328,11 +333,17 @@ def make_merge(method: str, ratio: float, first_level: int = 1):
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     base = method.split("_")[0]  # tome_md2 -> tome, retom_cached_plan_static -> retom
-    options = {"retom_global": dict(matching="global")}.get(method, {})
+    options = {"retom_global": dict(matching="global"), "retom_near": dict(matching="near"),
+               "retom_near2": dict(matching="near"),
+               "retom_local": dict(matching="local"),
+               "retom_kv_near": dict(matching="near")}.get(method, {})
     if method.startswith("retom_cached"):
         plan = method.startswith("retom_cached_plan")
         options = dict(cache_step=0, cache="plan" if plan else "representatives")
-    return merge_config(base, ratio, md, todo_factor=TODO_FACTOR, **options)
+    merge = merge_config(base, ratio, md, todo_factor=TODO_FACTOR, **options)
+    if method.startswith("retom_kv"):
+        merge = dataclasses.replace(merge, kv_only=True)
+    return dataclasses.replace(merge, reach=2) if method == "retom_near2" else merge
 
 
 def merges_anywhere(merge, config) -> bool:

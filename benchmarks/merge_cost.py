@@ -7,10 +7,13 @@ ratios are to the ``free`` probe (`common.FreeMerge`: slicing instead of merging
 zero-overhead limit at the same attention sizes)::
 
     python benchmarks/merge_cost.py --out results/merge_cost_cpu.json   # ~1 min on 2 cores
+    python benchmarks/merge_cost.py --model sdxl --size 1024 --max-downsample 4 \
+        --methods free none retom tome todo retom_kv --out results/merge_cost_sdxl_md4.json
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -25,17 +28,16 @@ METHODS = ["none", "free", "retom", "tome"]
 
 
 def cost(unet, merge, batch, size, method):
-    c = unet.config
     spec = jax.ShapeDtypeStruct
-    sample = spec((batch, c.in_channels, size // 8, size // 8), jnp.float32)
-    ehs = spec((batch, common.TEXT_TOKENS, c.cross_attention_dim[0]), jnp.float32)
+    sample, _, ehs, added = jax.eval_shape(lambda: common.unet_inputs(
+        unet.config, batch, size, size, jnp.float32))  # SDXL: its added conditioning too
     key = jax.eval_shape(lambda: jax.random.key(0))
     params = jax.tree.map(lambda a: spec(a.shape, a.dtype), unet.params)
     needs_key = method.startswith("tome")
-    fn = jax.jit(lambda p, s, e, k: unet.apply(p, s, jnp.float32(500.0), e, merge=merge,
-                                               key=k if needs_key else None))
+    fn = jax.jit(lambda p, s, e, a, k: unet.apply(p, s, jnp.float32(500.0), e, a, merge=merge,
+                                                  key=k if needs_key else None))
     t0 = time.perf_counter()
-    compiled = fn.lower(params, sample, ehs, key).compile()
+    compiled = fn.lower(params, sample, ehs, added, key).compile()
     info = compiled.cost_analysis()
     info = info[0] if isinstance(info, (list, tuple)) else info
     return {"flops": float(info["flops"]), "bytes": float(info["bytes accessed"]),
@@ -49,6 +51,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=list(common.METHODS))
+    p.add_argument("--max-downsample", type=int, default=None,
+                   help="merge at every level downsampled at most this much, all methods "
+                        "(default: each method's own; SDXL's 1280-channel level is 4)")
     p.add_argument("--out", help="JSON file to write")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     from flax import nnx
@@ -68,8 +73,11 @@ def main(argv=None):
     rows = {}
     for method in ["free"] + [m for m in args.methods if m != "free"]:  # the probe first
         merge = common.make_merge(method, args.ratio, first)
+        if merge is not None and args.max_downsample is not None:
+            merge = dataclasses.replace(merge, max_downsample=args.max_downsample)
         rows[method] = row = dict(method=method, model=args.model, size=args.size,
                                   batch=args.batch, ratio=args.ratio,
+                                  max_downsample=getattr(merge, "max_downsample", None),
                                   **cost(unet, merge, args.batch, args.size, method))
         row["flops_vs_free"] = row["flops"] / rows["free"]["flops"]
         row["bytes_vs_free"] = row["bytes"] / rows["free"]["bytes"]

@@ -248,9 +248,12 @@ def retom_reference(metric, x, hw, window, ratio, matching, reps=None, ties=None
             elif matching == "local":
                 score.append(u[p] @ u[dsts[home[0]]])
                 match.append(home[0])
-            else:
+            else:  # "global": every representative; "near": those one window step away
                 sims = [u[p] @ u[d] for d in dsts]
-                j = max(range(len(dsts)), key=lambda k: (sims[k], -k))
+                nw = w // ww
+                cands = [k for k in range(len(dsts)) if matching == "global" or (
+                    abs(k // nw - home[0] // nw) <= 1 and abs(k % nw - home[0] % nw) <= 1)]
+                j = max(cands, key=lambda k: (sims[k], -k))
                 score.append(sims[j])
                 match.append(j)
         order = sorted(range(len(srcs)), key=lambda i: -score[i])  # stable: ties in srcs order
@@ -323,6 +326,8 @@ RETOM_CASES = [
     ("global", (2, 2), 0.75),
     ("global", (3, 2), 0.3),
     ("global", (4, 4), 1 - 1 / 16),
+    ("near", (2, 2), 0.5),
+    ("near", (2, 3), 0.3),
 ]
 
 
@@ -637,6 +642,9 @@ def test_applies():
         (lambda: ReToM(window={1: (2, -2)}), "dimensions must be positive"),
         (lambda: ReToM(window=((1, (2, 2)), (1, (3, 3)))), "window given twice"),
         (lambda: ReToM(matching="nearest"), "unknown matching"),
+        (lambda: ReToM(kv_only=1), "kv_only must be a bool"),
+        (lambda: ReToM(kv_only=True, merge_mlp=True), r"kv_only=True\) merges self-attention"),
+        (lambda: ReToM(kv_only=True, merge_attn=False), "leave merge_attn=True"),
         (lambda: ReToM(cache="keys"), "unknown cache"),
         (lambda: ReToM(cache_step=-1), "cache_step must be None or an int"),
         (lambda: ReToM(max_downsample=0), "max_downsample must be a positive int"),

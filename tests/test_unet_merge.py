@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from retom_jax import ReToM, ToDo, ToMe, load_unet
 from retom_jax.merge.interface import BlockMerge, MergeMethod
-from retom_jax.merge.algorithms import plan_functions, tome_plan
+from retom_jax.merge.algorithms import (plan_functions, retom_plan, retom_representatives,
+                                        tome_plan)
 from tests.test_unet import inputs, torch_out
 from tests.tiny import FAMILIES, torch_unet
 from tests.test_merge import closure_vars
@@ -186,6 +187,64 @@ def test_todo_equals_pooled_torch_attention(models, name, factor, method, max_do
                                  max_downsample=max_downsample)).sample
     assert_close(out, ref, TOL)
     assert rel_err(ref, torch_out(model, *args)) > 1e-3
+
+
+def torch_retom_kv_out(model, args, cfg):
+    """diffusers' UNet whose attn1 keys/values are the block's normed tokens merged in torch
+    (``scatter_reduce(..., "mean")`` as tomesd merges) by the plan ReToM's algorithm makes
+    from the block's input (``retom_representatives`` / ``retom_plan``); queries untouched."""
+    H, W = args[0].shape[2:]
+    seen = {}
+
+    def keep_input(module, a, kw):
+        seen["x"] = a[0] if a else kw["hidden_states"]
+
+    def merge_kv(module, a, kw):
+        x = a[0] if a else kw["hidden_states"]
+        n = x.shape[1]
+        down = int(math.ceil(math.sqrt(H * W // n)))
+        if down > cfg.max_downsample:
+            return None
+        hw, window = (math.ceil(H / down), math.ceil(W / down)), cfg.window_for(down)
+        m = jnp.asarray(seen["x"].numpy())
+        u = m / jnp.maximum(jnp.linalg.norm(m, axis=-1, keepdims=True), 1e-12)
+        nW = (hw[0] // window[0]) * (hw[1] // window[1])
+        r = min(int(n * cfg.ratio), nW * (window[0] * window[1] - 1))
+        plan = retom_plan(u, hw, window, retom_representatives(u, hw, window), r, cfg.matching,
+                          cfg.reach)
+        idx = {k: torch.from_numpy(np.array(v)).long() for k, v in plan._asdict().items()}
+        c = x.shape[-1]
+        dst = x.gather(1, idx["out_pos"][..., None].expand(-1, -1, c))
+        src = x.gather(1, idx["merged_pos"][..., None].expand(-1, -1, c))
+        kw["encoder_hidden_states"] = dst.scatter_reduce(
+            1, idx["merged_slot"][..., None].expand(-1, -1, c), src, reduce="mean")
+        return a, kw
+
+    blocks = [m for m in model.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    hooks = [b.register_forward_pre_hook(keep_input, with_kwargs=True) for b in blocks]
+    hooks += [b.attn1.register_forward_pre_hook(merge_kv, with_kwargs=True) for b in blocks]
+    try:
+        return torch_out(model, *args)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("sd1", ReToM(ratio=0.5, kv_only=True)),
+    ("sdxl", ReToM(ratio=0.6, window=(2, 3), matching="near", max_downsample=2, kv_only=True)),
+])
+def test_retom_kv_only_equals_torch_merged_keys(models, name, cfg):
+    """ReToM(kv_only=True): every query kept, self-attention's keys/values merged by the
+    plan; equals diffusers' UNet with the same plan applied to attn1's keys/values."""
+    model, unet = models[name]
+    args = inputs(name, 2, 13, 10)
+    ref = torch_retom_kv_out(model, args, cfg)
+    out = unet(*args, merge=cfg).sample
+    assert_close(out, ref, TOL)
+    assert rel_err(ref, torch_out(model, *args)) > 1e-3  # the keys really were merged
+    full = unet(*args, merge=dataclasses.replace(cfg, kv_only=False)).sample
+    assert rel_err(out, full) > 1e-3  # and it is not the full merge
 
 
 def test_retom_cache_is_reused_and_one_program_serves_all_steps(models):

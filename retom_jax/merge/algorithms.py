@@ -11,7 +11,9 @@ token grid is at most ``max_downsample`` times smaller than the latent:
 - **ReToM** (local representative tokens). The grid is cut into ``wh x ww`` windows; each
   window's dst is its *representative*: the token whose mean cosine similarity to the
   window's other tokens is highest. A source merges into its own window's representative
-  (``matching="local"``) or into the most similar representative anywhere (``"global"``);
+  (``matching="local"``), into the most similar representative of the windows within
+  ``reach`` window steps of its own (``"near"``) or into the most similar representative
+  anywhere (``"global"``);
   either way the ``r`` best-matched sources over the whole grid are merged, and tokens
   outside whole windows never merge. The window shape may differ per UNet level and change
   over the denoising steps; the representatives (or the whole matching) can be computed at
@@ -43,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MATCHINGS = ("local", "global")
+MATCHINGS = ("local", "near", "global")
 CACHES = ("representatives", "plan")
 TODO_METHODS = ("nearest", "avg")
 
@@ -183,6 +185,24 @@ def window_tables(hw, window):
     return win_pos.astype(np.int32), outside.astype(np.int32)
 
 
+def neighbour_windows(hw, window, reach: int = 1):
+    """Static: ``near [nW, K]``, for each whole window the indices of the whole windows
+    within ``reach`` window steps (itself and its up to ``(2 reach + 1)**2 - 1``
+    neighbours), ascending, padded with its own index, and ``valid [nW, K]``, False at the
+    padding (``K = (2 reach + 1)**2``, or fewer on a small grid of windows)."""
+    (h, w), (wh, ww) = hw, window
+    nh, nw = h // wh, w // ww
+    rows = []
+    for i in range(nh):
+        for j in range(nw):
+            rows.append([a * nw + b for a in range(max(i - reach, 0), min(i + reach + 1, nh))
+                         for b in range(max(j - reach, 0), min(j + reach + 1, nw))])
+    K = max(len(r) for r in rows)
+    near = np.array([r + [k] * (K - len(r)) for k, r in enumerate(rows)], np.int32)
+    valid = np.array([[True] * len(r) + [False] * (K - len(r)) for r in rows])
+    return near, valid
+
+
 def retom_representatives(u, hw, window):
     """``[B, nW]`` int32: each whole window's representative as an index inside the window
     (row-major): the token of highest mean similarity to the window's other tokens.
@@ -197,12 +217,14 @@ def retom_representatives(u, hw, window):
     return jnp.argmax(others, axis=-1).astype(jnp.int32)
 
 
-def retom_plan(u, hw, window, rep, r: int, matching: str) -> Plan:
+def retom_plan(u, hw, window, rep, r: int, matching: str, reach: int = 1) -> Plan:
     """ReToM's plan given the representatives ``rep [B, nW]`` (the dsts).
 
     Sources, in this order: each window's other tokens (windows in order), then the tokens
     outside whole windows, which never merge (score ``-inf``). ``"local"``: a source's
-    match is its own window's representative; ``"global"``: its most similar one.
+    match is its own window's representative; ``"near"``: the most similar one of the
+    windows within ``reach`` window steps (`neighbour_windows`; ties to the lowest window
+    index); ``"global"``: the most similar one.
     """
     B = u.shape[0]
     win_pos, outside = window_tables(hw, window)
@@ -222,6 +244,15 @@ def retom_plan(u, hw, window, rep, r: int, matching: str) -> Plan:
         u_rep = jnp.repeat(_take(u, rep_pos), A - 1, axis=1)
         score = jnp.sum(u_src * u_rep, axis=-1)
         match = jnp.broadcast_to(jnp.repeat(jnp.arange(nW), A - 1), score.shape)
+    elif matching == "near":
+        near, valid = neighbour_windows(hw, window, reach)  # [nW, K]
+        cand = _take(u, rep_pos)[:, near]  # [B, nW, K, C]: the reps of the nearby windows
+        sim = jnp.einsum("bwac,bwkc->bwak", u_src.reshape(B, nW, A - 1, -1), cand)
+        sim = jnp.where(valid[:, None, :], sim, -jnp.inf)
+        best = sim.argmax(-1)  # [B, nW, A-1]: ties to the lowest window index
+        score = sim.max(-1).reshape(B, -1)
+        match = jnp.take_along_axis(jnp.asarray(near)[None], best.reshape(B, nW, -1),
+                                    axis=2).reshape(B, -1)
     else:
         sim = jnp.einsum("bsc,bdc->bsd", u_src, _take(u, rep_pos))
         score, match = sim.max(-1), sim.argmax(-1)

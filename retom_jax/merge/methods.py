@@ -97,8 +97,11 @@ class ReToM(MergeMethod):
 
     window:     ``(wh, ww)``, or per level a mapping ``{downsample: (wh, ww)}`` (stored
                 as a sorted tuple of ``(downsample, (wh, ww))`` pairs).
-    matching:   ``"local"`` (a source merges into its own window's representative) or
-                ``"global"`` (into its most similar representative, as ToMe's matching).
+    matching:   ``"local"`` (a source merges into its own window's representative),
+                ``"near"`` (into the most similar representative of the windows within
+                ``reach`` window steps of its own: ``(2 reach + 1)**2`` dot products per
+                source) or ``"global"`` (into its most similar representative, as ToMe's
+                matching).
     cache_step: denoising step (0-based) whose selection is reused at every later step;
                 None recomputes it at every step.
     cache:      what is reused: ``"representatives"`` or the whole ``"plan"``.
@@ -110,6 +113,12 @@ class ReToM(MergeMethod):
                 pipeline does this) and a single UNet call needs ``at_step(step)``. With
                 ``cache_step``, every change must come at or before it: the cached
                 selection belongs to one window layout.
+    reach:      ``"near"`` matching: how many window steps away a representative may be
+                (1: the 3x3 windows around a source's own, 2: 5x5).
+    kv_only:    merge self-attention's keys and values only (``BlockMerge.kv_down``):
+                every query is kept, so nothing is unmerged and attention stays one call
+                of ``N`` queries against ``N - r`` keys (the AsymRnR / ToDo idea with
+                ReToM's windows and representatives). Self-attention only.
     """
 
     ratio: float = 0.5
@@ -122,6 +131,8 @@ class ReToM(MergeMethod):
     merge_crossattn: bool = False
     merge_mlp: bool = False
     schedule: tuple = ()
+    kv_only: bool = False
+    reach: int = 1
 
     def __post_init__(self):
         window, schedule = _parse_windows(self.window, self.schedule)
@@ -141,6 +152,13 @@ class ReToM(MergeMethod):
                 f"{self.cache_step}: the cached selection would not fit the new windows "
                 f"(put every change at or before cache_step)")
         check_flags(self)
+        check_positive_int(self.reach, "reach")
+        if not isinstance(self.kv_only, bool):
+            raise ValueError(f"kv_only must be a bool, got {self.kv_only!r}")
+        if self.kv_only and (self.merge_crossattn or self.merge_mlp or not self.merge_attn):
+            raise ValueError("ReToM(kv_only=True) merges self-attention's keys and values "
+                             "only: leave merge_attn=True, merge_crossattn=False, "
+                             "merge_mlp=False")
 
     # -- windows
 
@@ -243,7 +261,7 @@ class ReToM(MergeMethod):
             return IDENTITY
         window, u = self.window_for(downsample), unit_rows(metric)
         rep = retom_representatives(u, tuple(hw), window)
-        return plan_functions(retom_plan(u, tuple(hw), window, rep, r, self.matching))
+        return plan_functions(retom_plan(u, tuple(hw), window, rep, r, self.matching, self.reach))
 
     # -- reuse over denoising steps
 
@@ -298,10 +316,10 @@ class ReToM(MergeMethod):
         rep = retom_representatives(u, tuple(hw), window)
         if self.cache == "representatives":
             rep = jnp.where(use_cache, cache["representatives"], rep)
-            plan = retom_plan(u, tuple(hw), window, rep, r, self.matching)
+            plan = retom_plan(u, tuple(hw), window, rep, r, self.matching, self.reach)
             new_cache = {"representatives": rep}
         else:
-            fresh = retom_plan(u, tuple(hw), window, rep, r, self.matching)
+            fresh = retom_plan(u, tuple(hw), window, rep, r, self.matching, self.reach)
             plan = jax.tree.map(lambda c, f: jnp.where(use_cache, c, f), cache["plan"], fresh)
             new_cache = {"plan": plan}
         merge, unmerge = plan_functions(plan)
@@ -309,12 +327,19 @@ class ReToM(MergeMethod):
 
     def for_block(self, tokens, grid, downsample, key=None, cache=None, use_cache=False):
         if self.cache_step is None:
-            return BlockMerge.branches(self, *self.plan(tokens, grid, downsample=downsample)), None
+            return self._block(*self.plan(tokens, grid, downsample=downsample)), None
         if cache is None:  # no state given: plan afresh, return the cache a first step leaves
             cache = self.init_cache(tokens.shape[0], grid, downsample=downsample)
             use_cache = jnp.array(False)
         m, u, new = self.plan_cached(tokens, grid, cache, use_cache, downsample=downsample)
-        return BlockMerge.branches(self, m, u), new
+        return self._block(m, u), new
+
+    def _block(self, merge, unmerge) -> BlockMerge:
+        """The plan on the selected branches, or (``kv_only``) on self-attention's keys and
+        values alone: ``kv_down = merge``, every query kept, no unmerge."""
+        if self.kv_only:
+            return BlockMerge(kv_down=merge)
+        return BlockMerge.branches(self, merge, unmerge)
 
 
 @dataclass(frozen=True)
