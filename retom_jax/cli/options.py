@@ -210,9 +210,10 @@ def add_merge_options(p, *, method: bool = True, schedule: bool = True) -> None:
                    help="retom: window of one representative, e.g. 2x2; tome: cell (sy x sx) "
                         "(default 2x2). ReToM merges whole windows only: where the token grid "
                         "is not a multiple of the window, its last rows/columns stay unmerged")
-    g.add_argument("--matching", choices=("local", "global"), default=None,
-                   help="retom: a source merges into its window's representative (local) or "
-                        "the most similar one (global) (default local)")
+    g.add_argument("--matching", choices=("local", "near", "global"), default=None,
+                   help="retom: a source merges into its window's representative (local), "
+                        "the most similar one of its own and the 8 neighbouring windows "
+                        "(near) or the most similar one anywhere (global) (default local)")
     if schedule:
         g.add_argument("--cache-step", type=non_negative_int, default=None,
                        help="retom: reuse the representatives chosen at this step (0-based) at "
