@@ -1,5 +1,4 @@
-"""One progress line on stderr, for training steps and evaluation images (the sampling
-pipeline uses tqdm when it is installed)."""
+"""One progress line on stderr, for sampling steps, training steps and evaluation images."""
 from __future__ import annotations
 
 import sys

@@ -4,12 +4,13 @@ and the checks of prompts, seeds and per-prompt options.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ..progress import Progress
 
 from ..merge.checks import is_int
 from ..schedulers import from_config as scheduler_from_config
@@ -159,27 +160,15 @@ def signature(tree):
     return treedef, tuple((tuple(np.shape(a)), str(a.dtype)) for a in leaves)
 
 
-class StepBar:
-    """tqdm when installed, else one printed line per step."""
+class StepBar(Progress):
+    """The sampling loop's progress: the package's one progress line
+    (:class:`~retom_jax.progress.Progress`), a line per step off a terminal."""
 
     def __init__(self, total, desc):
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            tqdm = None
-        self.total, self.desc, self.n = total, desc, 0
-        self.bar = tqdm(total=total, desc=desc) if tqdm is not None else None
+        super().__init__(total, desc=desc, every=0.0)
 
     def update(self):
-        self.n += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        else:
-            print(f"{self.desc}: step {self.n}/{self.total}", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+        super().update()
 
 
 def to_pil(images: np.ndarray):
