@@ -223,6 +223,7 @@ def param_placement(mesh: Mesh | None, min_size: int | None = None):
 
 
 def flat_path(keypath) -> tuple:
+    """A pytree key path as a tuple of plain keys / names / indices (what the rules read)."""
     out = []
     for k in keypath:
         for attr in ("key", "name", "idx"):
@@ -232,6 +233,8 @@ def flat_path(keypath) -> tuple:
         else:
             out.append(str(k))
     return tuple(out)
+
+
 
 
 def shard_params(params, mesh: Mesh, min_size: int | None = None):

@@ -23,9 +23,20 @@
 
 ``implementation`` overrides the choice (benchmarks compare them). It is a static,
 hashable string, so it can be a ``jax.jit`` static argument.
+
+The platform that decides is the one a program is compiled FOR, not the host's: inside
+``with target(mesh):`` (models given a ``mesh`` enter it around their forward pass) it is
+the mesh devices' platform, so a program compiled for TPU devices from a CPU host (``jax.
+experimental.topologies``, ``retom_jax.analysis.tpu``) picks splash. On a mesh of more than
+one device, splash runs per shard through ``jax.shard_map`` (`sharded_splash_attention`):
+the batch split over ``data`` x ``fsdp`` (or the heads, when the batch does not divide),
+the queries' tokens over ``spatial`` (keys and values whole there), so XLA never gathers
+q, k and v around the kernel.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -64,13 +75,56 @@ def splash_interpret_mode() -> bool:
     return flag is not None and bool(flag.value)
 
 
+# The compile target of the code being traced: (platform, mesh or None), or None (the host's
+# default backend). Set by `target`.
+_TARGET: contextvars.ContextVar = contextvars.ContextVar("retom_jax_attention_target",
+                                                         default=None)
+
+
+def _platform_of(devices) -> str:
+    platform = devices[0].platform
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+@contextlib.contextmanager
+def target(mesh=None, devices=None):
+    """Trace attention for ``mesh`` (a ``jax.sharding.Mesh``) or ``devices``: ``"auto"``
+    picks the kernel for their platform (a TPU mesh on a CPU host: splash), and splash on a
+    mesh of several devices runs through ``shard_map``. ``target()`` (nothing) is a no-op.
+    Read at trace time: enter it around ``jax.jit(f).lower(...)`` or inside the traced
+    function (a jitted function traced once keeps the kernel it traced with)."""
+    if mesh is None and devices is None:
+        yield
+        return
+    devices = list(mesh.devices.flat) if mesh is not None else list(devices)
+    token = _TARGET.set((_platform_of(devices), mesh if mesh is not None and mesh.size > 1
+                         else None))
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def target_platform() -> str:
+    """The platform attention is traced for: the active `target`'s, else the host's
+    ``jax.default_backend()``."""
+    current = _TARGET.get()
+    return current[0] if current is not None else jax.default_backend()
+
+
+def target_mesh():
+    """The active `target`'s mesh when it has more than one device (else None)."""
+    current = _TARGET.get()
+    return current[1] if current is not None else None
+
+
 def _splash_unavailable() -> str | None:
     """Why splash attention cannot run here (None if it can)."""
-    if jax.default_backend() == "tpu" or splash_interpret_mode():
+    if target_platform() == "tpu" or splash_interpret_mode():
         return None
     return (f"splash attention needs a TPU (or Pallas interpret mode: "
             f"jax.experimental.pallas.tpu.force_tpu_interpret_mode()); this JAX backend is "
-            f"{jax.default_backend()!r}: use attention='auto' or 'xla'")
+            f"{target_platform()!r}: use attention='auto' or 'xla'")
 
 
 def check_implementation(implementation: str) -> str:
@@ -109,11 +163,12 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, q_tokens: 
     """The kernel a call will use: ``"cudnn"``, ``"splash"`` or ``"xla"``.
 
     ``q_tokens``: the query sequence length (``"auto"`` picks splash on TPU from
-    `SPLASH_MIN_TOKENS` on). ``backend`` defaults to ``jax.default_backend()``.
+    `SPLASH_MIN_TOKENS` on). ``backend`` defaults to `target_platform` (the compile
+    target's platform inside `target`, else ``jax.default_backend()``).
     """
     if implementation not in IMPLEMENTATIONS:
         check_implementation(implementation)
-    backend = backend or jax.default_backend()
+    backend = backend or target_platform()
     if implementation == "auto":
         if backend == "gpu":
             return "cudnn" if cudnn_supports(dtype, head_dim) else "xla"
@@ -153,11 +208,14 @@ def dot_product_attention(q, k, v, *, mask=None, is_causal=False, implementation
         impl = "xla"  # arbitrary boolean masks go through XLA
     dtype = q.dtype
     if impl == "splash":
+        mesh = target_mesh()
+        if mesh is not None:
+            return sharded_splash_attention(q, k, v, mesh, is_causal=is_causal).astype(dtype)
         return splash_attention(q, k, v, is_causal=is_causal).astype(dtype)
     if impl == "cudnn":
         out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="cudnn")
         return out.astype(dtype)
-    if dtype == jnp.float16 and jax.default_backend() == "cpu":
+    if dtype == jnp.float16 and target_platform() == "cpu":
         # XLA:CPU has no fp16 dot with fp32 accumulation: compute in fp32 there.
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     out = xla_attention(q, k, v, mask=mask, is_causal=is_causal, chunk_bytes=chunk_bytes)
@@ -279,3 +337,35 @@ def splash_attention(q, k, v, *, is_causal=False):
     out = kernel(qf, kf, vf, segments)  # [b*h, tq_pad, dv_pad]
     out = out.reshape(b, h, tq_pad, dv_pad)[:, :, :tq, :dv]
     return jnp.swapaxes(out, 1, 2)
+
+
+def splash_partition(mesh, batch: int, heads: int, q_tokens: int, is_causal: bool = False):
+    """``(q_spec, kv_spec)``: how `sharded_splash_attention` splits ``[batch, tokens, heads,
+    head_dim]`` arrays over ``mesh``. The batch goes over the mesh's ``data`` and ``fsdp``
+    axes (size > 1) when it divides, else the heads do when they divide, else those axes
+    replicate the call; the query tokens go over ``spatial`` when it divides them (not for
+    a causal mask, whose offsets a token split would change); keys and values stay whole
+    along tokens (each query shard attends to every key)."""
+    from jax.sharding import PartitionSpec as P
+
+    sizes = dict(mesh.shape)
+    axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
+    n = math.prod(sizes[a] for a in axes)
+    group = None if not axes else axes[0] if len(axes) == 1 else axes
+    b_axis = group if group is not None and batch % n == 0 else None
+    h_axis = group if b_axis is None and group is not None and heads % n == 0 else None
+    s = sizes.get("spatial", 1)
+    t_axis = "spatial" if s > 1 and not is_causal and q_tokens % s == 0 else None
+    return P(b_axis, t_axis, h_axis, None), P(b_axis, None, h_axis, None)
+
+
+def sharded_splash_attention(q, k, v, mesh, *, is_causal=False):
+    """`splash_attention` on each shard of ``mesh`` (``jax.shard_map``, split by
+    `splash_partition`): the kernel sees its shard's batch rows / heads and query tokens."""
+    q_spec, kv_spec = splash_partition(mesh, q.shape[0], q.shape[2], q.shape[1], is_causal)
+
+    def local(q, k, v):
+        return splash_attention(q, k, v, is_causal=is_causal)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec),
+                         out_specs=q_spec, check_vma=False)(q, k, v)

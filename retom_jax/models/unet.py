@@ -23,6 +23,7 @@ from . import weights
 from .attention import check_implementation
 from ..merge.interface import BlockMerge, MergeMethod, level_grid, level_of
 from .layers import Attention, Downsample2D, FeedForward, ResnetBlock2D, TimestepEmbedding, Upsample2D, conv, group_norm, layer_norm, linear, timestep_embedding
+from .attention import target as attention_target
 
 # --------------------------------------------------------------------------- config
 
@@ -561,9 +562,10 @@ class UNet:
             ctx = MergeContext(merge, x.shape[1:3], paths, key=key, state=merge_state,
                                reuse=reuse)
         added = added_cond_kwargs or {}
-        out = model(x, timesteps, encoder_hidden_states.astype(self.dtype),
-                    added.get("text_embeds"), added.get("time_ids"), ctx,
-                    attention or self.attention, sharding.activation_constraint(self.mesh))
+        with attention_target(self.mesh):  # kernels for the mesh's platform, per shard
+            out = model(x, timesteps, encoder_hidden_states.astype(self.dtype),
+                        added.get("text_embeds"), added.get("time_ids"), ctx,
+                        attention or self.attention, sharding.activation_constraint(self.mesh))
         out = jnp.transpose(out, (0, 3, 1, 2))
         carried = merge is not None and merge.carries_cache
         return UNetOutput(out, ctx.new_state() if carried else None)

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from .attention import check_implementation
+from .attention import target as attention_target
 from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 from .weights import CheckpointError, LoadedModel, config_errors, config_fields, dtypes, load_module, parse_dtype, read_model_config
 
@@ -376,7 +377,8 @@ class VAE(LoadedModel):
         self._check(latents, "latents", self.config.latent_channels, 1)
         module = nnx.merge(self.graphdef, params)
         z = jnp.transpose(jnp.asarray(latents).astype(self.dtype), (0, 2, 3, 1))
-        return jnp.transpose(module.decode(z).astype(self.dtype), (0, 3, 1, 2))
+        with attention_target(self.mesh):
+            return jnp.transpose(module.decode(z).astype(self.dtype), (0, 3, 1, 2))
 
     def apply_encode(self, params, images) -> DiagonalGaussian:
         """NCHW images ``[B, in_channels, H, W]`` (values in [-1, 1], H and W multiples of
@@ -384,7 +386,8 @@ class VAE(LoadedModel):
         self._check(images, "images", self.config.in_channels, self.config.vae_scale_factor)
         module = nnx.merge(self.graphdef, params)
         x = jnp.transpose(jnp.asarray(images).astype(self.dtype), (0, 2, 3, 1))
-        moments = jnp.transpose(module.encode_moments(x).astype(self.dtype), (0, 3, 1, 2))
+        with attention_target(self.mesh):
+            moments = jnp.transpose(module.encode_moments(x).astype(self.dtype), (0, 3, 1, 2))
         mean, logvar = jnp.split(moments, 2, axis=1)
         return DiagonalGaussian(mean, jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX))
 

@@ -481,6 +481,13 @@ class Pipeline:
         carry = self._segments(static, cond, carry, run)
         return self._finish(static.decode, params, carry.latents)
 
+    @property
+    def sample_function(self):
+        """``f(static: SampleConfig, params, cond, latents, state, key, g)``: the traced
+        function of the fused sampling program (loop and decoder), for compiling it
+        elsewhere (``retom_jax.analysis.tpu``)."""
+        return self._sample
+
     def _step_fn(self, static, leaves, cond, i, carry, key, g) -> Carry:
         """One step of the progress path. ``static``: ``(StepConfig, treedef)``; the UNet
         parameters come flattened (``leaves``), so that a step's call does not walk the
