@@ -298,12 +298,14 @@ def xla_attention(q, k, v, *, mask=None, is_causal=False, chunk_bytes=None):
 # Splash (Pallas, TPU)
 # --------------------------------------------------------------------------------------
 
-def splash_attention(q, k, v, *, is_causal=False):
+def splash_attention(q, k, v, *, is_causal=False, interpret=False):
     """Splash attention on ``[batch, tokens, heads, head_dim]`` arrays (scale
     ``head_dim ** -0.5``), padded to whole blocks and 128-lane head sizes and cut back.
 
     Batch and heads are folded into the kernel's head axis. Padded keys get segment id 1
     (queries have 0), so no real query attends to them; padded queries are dropped.
+    ``interpret=True``: Pallas's generic interpreter (any backend, several devices; the
+    TPU interpret mode of ``force_tpu_interpret_mode`` overrides it).
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
@@ -329,7 +331,7 @@ def splash_attention(q, k, v, *, is_causal=False):
                            block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
                            block_q_dq=bq, block_kv_dq=bkv)
     kernel = sa.make_splash_mha(sa.MultiHeadMask([head_mask] * (b * h)), block_sizes=blocks,
-                                head_shards=1, q_seq_shards=1)
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
     segments = None
     if tk_pad != tk:
         segments = sa.SegmentIds(q=jnp.zeros((tq_pad,), jnp.int32),
@@ -359,13 +361,14 @@ def splash_partition(mesh, batch: int, heads: int, q_tokens: int, is_causal: boo
     return P(b_axis, t_axis, h_axis, None), P(b_axis, None, h_axis, None)
 
 
-def sharded_splash_attention(q, k, v, mesh, *, is_causal=False):
+def sharded_splash_attention(q, k, v, mesh, *, is_causal=False, interpret=False):
     """`splash_attention` on each shard of ``mesh`` (``jax.shard_map``, split by
-    `splash_partition`): the kernel sees its shard's batch rows / heads and query tokens."""
+    `splash_partition`): the kernel sees its shard's batch rows / heads and query tokens.
+    ``interpret``: as `splash_attention`'s (how the tests run it on host CPU devices)."""
     q_spec, kv_spec = splash_partition(mesh, q.shape[0], q.shape[2], q.shape[1], is_causal)
 
     def local(q, k, v):
-        return splash_attention(q, k, v, is_causal=is_causal)
+        return splash_attention(q, k, v, is_causal=is_causal, interpret=interpret)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec),
                          out_specs=q_spec, check_vma=False)(q, k, v)
