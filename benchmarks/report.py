@@ -4,7 +4,7 @@
     python benchmarks/report.py results/merge_overhead_h100.json
 
 Each file's kind is read from its ``meta.benchmark`` (``unet_speed``, ``torch_unet_speed``,
-``merge_overhead``, ``pipeline_speed``); files of one kind are combined, so JAX and torch
+``merge_overhead``, ``pipeline_speed``, ``tpu``); files of one kind are combined, so JAX and torch
 rows measured in separate runs can sit side by side (compare only rows from the same
 device: the ``device`` column says which).
 """
@@ -147,6 +147,14 @@ def render(paths) -> str:
         devices.setdefault(kind, set()).add(f"{dev} ({Path(p).name}, {meta.get('date')})")
     out = []
     for kind, rows in groups.items():
+        if kind == "tpu":  # retom-jax bench tpu: compiled for TPU on a CPU host, not run
+            from retom_jax.analysis.tpu import format_table
+
+            out.append("### tpu (XLA-compiled for TPU on a CPU host: times are ESTIMATES, "
+                       "not measurements)\n")
+            out.append(format_table(rows))
+            out.append("")
+            continue
         out.append(f"### {kind}\n")
         out.append("Measured on: " + "; ".join(sorted(devices[kind])) + "\n")
         out.append(TABLES[kind](rows))

@@ -91,6 +91,11 @@ def topology_devices(topology: str) -> list:
     libtpu. TpuUnavailable without the ``libtpu`` package."""
     chip_for(topology)
     if topology not in _TOPOLOGIES:
+        import importlib.util
+
+        if importlib.util.find_spec("libtpu") is None:
+            raise TpuUnavailable("no TPU compiler here (the libtpu package is missing): "
+                                 "pip install 'jax[tpu]' (or retom-jax's test extra)")
         try:
             from jax.experimental import topologies
         except ImportError as e:  # pragma: no cover
@@ -102,8 +107,7 @@ def topology_devices(topology: str) -> list:
             devices = list(topologies.get_topology_desc(name, "tpu").devices)
         except Exception as e:  # noqa: BLE001 - libtpu's errors are plain RuntimeErrors
             text = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if "libtpu" in text.lower() or "unknown backend" in text.lower() or \
-                    "tpu" in text.lower() and "not found" in text.lower():
+            if "not installed" in text.lower() or "unknown backend" in text.lower():
                 raise TpuUnavailable(f"no TPU compiler here ({text}): install it with "
                                      f"pip install 'jax[tpu]'") from e
             raise ValueError(f"topology {topology!r}: {text}") from e
@@ -150,7 +154,7 @@ SDXL_POOLED = 1280  # text_encoder_2's projection: SDXL's text_embeds width
 
 def _unet_config(model: str):
     from ..demo import DEMO_UNET
-    from ..unet import UNetConfig
+    from ..models.unet import UNetConfig
 
     table = {"demo": DEMO_UNET, "sd15": _SD15_UNET, "sd2": _SD2_UNET, "sdxl": _SDXL_UNET}
     if model not in table:
@@ -160,7 +164,7 @@ def _unet_config(model: str):
 
 def _vae_config(model: str):
     from ..demo import DEMO_VAE
-    from ..vae import VAEConfig
+    from ..models.vae import VAEConfig
 
     if model == "demo":
         return DEMO_VAE
@@ -184,8 +188,8 @@ def abstract_unet(model: str, mesh, dtype=jnp.bfloat16, attention: str = "auto")
     (shapes and shardings on ``mesh``, no values)."""
     from flax import nnx
 
-    from .. import weights
-    from ..unet import UNet, UNet2DConditionModel
+    from ..models import weights
+    from ..models.unet import UNet, UNet2DConditionModel
 
     config = _unet_config(model)
     module = weights.abstract_module(lambda rngs: UNet2DConditionModel(
@@ -197,7 +201,7 @@ def abstract_unet(model: str, mesh, dtype=jnp.bfloat16, attention: str = "auto")
 def abstract_vae(model: str, mesh, dtype=jnp.bfloat16):
     from flax import nnx
 
-    from ..vae import VAE, build_vae_module
+    from ..models.vae import VAE, build_vae_module
 
     cfg = _vae_config(model)
     module = nnx.eval_shape(lambda: build_vae_module(cfg, dtype=dtype, param_dtype=dtype))
@@ -328,9 +332,9 @@ def abstract_pipeline(model: str, mesh, dtype=jnp.bfloat16):
     sampling program)."""
     from flax import nnx
 
-    from ..clip import TextEncoder, TextEncoderConfig, build_text_encoder
+    from ..models.clip import TextEncoder, TextEncoderConfig, build_text_encoder
     from ..demo import DEMO_SCHEDULER, DEMO_TEXT, SD15_SCHEDULER, demo_tokenizer
-    from ..pipeline import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from ..pipelines.stable_diffusion import StableDiffusionPipeline, StableDiffusionXLPipeline
     from ..schedulers import from_config
 
     unet, vae = abstract_unet(model, mesh, dtype), abstract_vae(model, mesh, dtype)
@@ -366,7 +370,8 @@ def pipeline_program(pipe, merge, batch: int, size: int, steps: int):
     from jax.sharding import NamedSharding, PartitionSpec
 
     from .. import sharding
-    from ..pipeline import SampleConfig
+    from ..pipelines.mesh import sample_jit
+    from ..pipelines.request import SampleConfig
 
     mesh = pipe.mesh
     rows = sharding.padded_batch(batch, mesh)
@@ -389,7 +394,7 @@ def pipeline_program(pipe, merge, batch: int, size: int, steps: int):
     params = {"unet": pipe.unet.params, "vae": pipe.vae.params}
     static = SampleConfig(pipe.scheduler, steps, rows, hw, True, merge, True)
     args = (params, cond, latent, state, key, g)
-    jitted = sharding.sample_jit(pipe.sample_function, mesh, args, decode=True)
+    jitted = sample_jit(pipe.sample_function, mesh, args, decode=True)
     return jitted, (static,) + args
 
 

@@ -14,10 +14,17 @@ BENCH_SCRIPTS = {"unet": "unet_speed", "merge": "merge_overhead", "pipeline": "p
                  "scaling": "scaling"}
 
 
+# subcommands whose code ships in the package (no checkout needed)
+LIBRARY_BENCHES = {"tpu": "retom_jax.analysis.tpu"}
+
+
 def bench(args, parser) -> int:
-    """Run ``benchmarks/<script>.py``'s ``main`` with the remaining arguments."""
+    """Run ``benchmarks/<script>.py``'s ``main`` (or a packaged bench's) with the remaining
+    arguments."""
     import importlib
 
+    if args.script in LIBRARY_BENCHES:
+        return importlib.import_module(LIBRARY_BENCHES[args.script]).main(args.args)
     folder = Path(__file__).resolve().parents[2] / "benchmarks"
     if not (folder / "common.py").is_file():
         parser.error(f"no benchmarks/ folder beside the package ({folder}): the benchmarks ship "
@@ -38,8 +45,10 @@ def add_parser(sub):
         description="Run one of the scripts in benchmarks/ (see benchmarks/README.md); "
                     "everything after the script name is passed to it, e.g. "
                     "'retom-jax bench unet --preset tiny --out unet.json'.")
-    b.add_argument("script", choices=sorted(BENCH_SCRIPTS),
-                   help="; ".join(f"{k}: benchmarks/{v}.py" for k, v in sorted(BENCH_SCRIPTS.items())))
+    b.add_argument("script", choices=sorted(set(BENCH_SCRIPTS) | set(LIBRARY_BENCHES)),
+                   help="; ".join([f"{k}: benchmarks/{v}.py" for k, v in sorted(BENCH_SCRIPTS.items())]
+                                  + ["tpu: compile for TPU slices on this host (libtpu), "
+                                     "memory per chip and estimated times"]))
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     b.set_defaults(handler=bench, subparser=b)
     return b
