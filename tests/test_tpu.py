@@ -15,7 +15,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from retom_jax import attention
+from retom_jax.models import attention
 from retom_jax.analysis import roofline
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,7 +24,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from retom_jax import attention, sharding  # noqa: E402
+from retom_jax import sharding  # noqa: E402
+from retom_jax.models import attention  # noqa: E402
 
 CASES = [  # (mesh, batch, heads, q tokens, kv tokens, head size)
     ("data=8", 8, 2, 256, 256, 64),

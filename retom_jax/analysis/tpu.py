@@ -212,12 +212,6 @@ def abstract_vae(model: str, mesh, dtype=jnp.bfloat16):
 
 # --------------------------------------------------------------------------- methods
 
-@dataclasses.dataclass(frozen=True)
-class _Probe:
-    ratio: float = 0.5
-    max_downsample: int = 1
-
-
 def _probe_class():
     from ..merge import BlockMerge, MergeMethod
 
@@ -556,8 +550,7 @@ def format_table(rows: list[dict]) -> str:
     head = ("| program | model | size | batch | topology | mesh | method | compiled | splash "
             "| GB/chip (args+temp+out) | HBM GB | est. time (source) | vs probe | XLA "
             "optimal_seconds | collectives |")
-    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else
-             "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     probe = {}
     for r in rows:
         if r.get("method") == "free" and r.get("compiled") is True:
