@@ -8,6 +8,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from ..demo import DEMO_NOTICE
+from ..io import write_text
 from ..eval.clip_vision import load_clip
 from ..eval.inception import InceptionError, load_inception
 from ..eval.metrics import shard_models
@@ -19,7 +20,7 @@ from ..eval.run import (METHODS, check_generation, generate_images, markdown_tab
                         plot, reference_paths, run_list, write_json)
 from .options import (HelpFormatter, add_merge_options, add_mesh_options,
                       add_model_options, check_merge_options, merge_from_args, mesh_from_args,
-                      non_negative_int, positive_int)
+                      image_side, non_negative_int, positive_int)
 
 
 def _methods(text):
@@ -64,9 +65,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=positive_int, default=1, help="images per prompt, seeds 0..N-1")
     e.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default: the model's, 7.5; the demo model's 3)")
-    e.add_argument("--height", type=positive_int, default=None,
+    e.add_argument("--height", type=image_side, default=None,
                    help="image height (default: the model's)")
-    e.add_argument("--width", type=positive_int, default=None,
+    e.add_argument("--width", type=image_side, default=None,
                    help="image width (default: the model's)")
     add_merge_options(e, method=False, schedule=False)
     e.add_argument("--cache-step", type=non_negative_int, default=None,
@@ -102,8 +103,11 @@ def run_eval(args, parser) -> int:
         if (args.inception or args.clip) and n_images < 2 and not args.reference:
             raise ValueError(f"FID and CMMD need at least 2 images per run; {len(prompts)} "
                              f"prompt(s) x {args.seeds} seed(s) make {n_images}")
+        if args.reference and not (args.clip or args.inception):
+            raise ValueError("--reference is compared through CMMD (--clip) or FID "
+                             "(--inception): give one of them")
         if args.reference:
-            reference_paths(args.reference)
+            reference_paths(args.reference, check=True)
         if args.guidance is None:  # the model's default, recorded as the number used
             args.guidance = default_guidance_scale(args.model)
         check_generation(args, prompts, Path(args.out))
@@ -142,7 +146,10 @@ def run_eval(args, parser) -> int:
         timings = generate_images(pipe, args, prompts, runs, out)
     except ValueError as e:
         parser.error(str(e))
-    rows = measure(args, prompts, runs, out, timings, clip, inception)
+    try:
+        rows = measure(args, prompts, runs, out, timings, clip, inception)
+    except ValueError as e:  # an image file damaged while measuring
+        parser.error(str(e))
     settings = {k: getattr(args, k) for k in (
         "model", "prompts", "num_prompts", "steps", "seeds", "guidance", "height", "width",
         "scheduler", "dtype", "window", "matching", "cache_step", "max_downsample",
@@ -151,10 +158,13 @@ def run_eval(args, parser) -> int:
                     mesh=None if mesh is None else dict(mesh.shape),
                     ratios=list(args.ratios),
                     reference=args.reference or "the unmerged ('none') images")
-    write_json(out / "results.json", {"settings": settings, "rows": rows})
-    (out / "results.md").write_text(markdown_table(rows))
-    print(markdown_table(rows), end="")
-    drawn = plot(rows, out / "results.png")
+    try:  # atomic writes; io.OutputError (the disk is full ...) is one line
+        write_json(out / "results.json", {"settings": settings, "rows": rows})
+        write_text(out / "results.md", markdown_table(rows))
+        print(markdown_table(rows), end="")
+        drawn = plot(rows, out / "results.png")
+    except ValueError as e:
+        parser.error(str(e))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}"
           + (f", {out / 'results.png'}" if drawn else ""))
     if args.model == "demo":

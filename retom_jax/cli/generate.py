@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 
 from ..demo import DEMO_NOTICE
+from ..io import save_image
 from ..eval.mergemap import (add_merge_map_arguments, check_merge_map_args,
                              save_merge_map_from_args)
 from ..models.weights import CheckpointError
@@ -22,7 +23,8 @@ from ..pipelines import FluxPipeline, load_pipeline
 from ..sharding import initialize_distributed
 from .options import (HelpFormatter, add_feature_arguments, add_merge_options,
                       add_mesh_options, add_model_options, check_merge_options,
-                      feature_options, merge_from_args, mesh_from_args, positive_int, seed_arg)
+                      feature_options, image_side, merge_from_args, mesh_from_args,
+                      positive_int, seed_arg)
 
 
 def add_parser(sub):
@@ -44,9 +46,9 @@ def add_parser(sub):
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale; <= 1 turns guidance off (default: "
                         "the model's, 7.5; the demo model's 3)")
-    g.add_argument("--height", type=positive_int, default=None,
+    g.add_argument("--height", type=image_side, default=None,
                    help="image height in pixels, a multiple of 8 (default: the model's)")
-    g.add_argument("--width", type=positive_int, default=None,
+    g.add_argument("--width", type=image_side, default=None,
                    help="image width in pixels, a multiple of 8 (default: the model's)")
     g.add_argument("--seed", type=seed_arg, default=0,
                    help="random seed of the initial noise, an integer in [0, 2**128); every "
@@ -56,6 +58,9 @@ def add_parser(sub):
     g.add_argument("--out", default="retom-jax.png",
                    help="output image file (checked before the model loads); with several "
                         "images, -0, -1 ... are appended")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (without it an existing --out or "
+                        "--merge-map file is an error)")
     g.add_argument("--progress", action="store_true",
                    help="show a progress bar over the steps (runs one step at a time)")
     add_merge_options(g)
@@ -68,9 +73,10 @@ def add_parser(sub):
     return g
 
 
-def _output_paths(out: str, n: int) -> list[Path]:
+def _output_paths(out: str, n: int, overwrite: bool = False) -> list[Path]:
     """The files to write, checked before anything is loaded: a format PIL writes (an RGB
-    image), not a folder, in a folder that exists or can be made, writable."""
+    image), not a folder, not an existing file unless ``overwrite``, in a folder that
+    exists or can be made, writable."""
     from PIL import Image
 
     path = Path(out)
@@ -94,6 +100,9 @@ def _output_paths(out: str, n: int) -> list[Path]:
         if p.is_dir():
             raise ValueError(f"--out {str(p)!r} is a folder: name an image file, e.g. "
                              f"{str(p / 'image.png')!r}")
+        if p.exists() and not overwrite:
+            raise ValueError(f"--out {str(p)!r} exists: pass --overwrite to replace it, or "
+                             f"name another file")
         if p.exists() and not os.access(p, os.W_OK):
             raise ValueError(f"--out {str(p)!r} exists and cannot be overwritten")
     folder = path.parent
@@ -137,7 +146,7 @@ def _edge_note(pipe, merge, height, width) -> str | None:
 
 def generate(args, parser) -> int:
     try:
-        paths = _output_paths(args.out, args.num_images)
+        paths = _output_paths(args.out, args.num_images, args.overwrite)
         check_merge_options(args)
         merge_from_args(args, 1)  # bad merge options fail here, before any model is built
     except ValueError as e:
@@ -180,8 +189,10 @@ def generate(args, parser) -> int:
     if mesh is not None:
         print(f"mesh {dict(mesh.shape)} over {mesh.size} devices")
     for image, path in zip(out.images if jax.process_index() == 0 else [], paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        try:  # atomic; an existing file is replaced only with --overwrite
+            save_image(image, path, overwrite=args.overwrite)
+        except ValueError as e:  # io.OutputError: the disk is full, ...
+            parser.error(str(e))
         print(f"saved {path} ({image.width}x{image.height})")
     note = _edge_note(pipe, merge, out.images[0].height, out.images[0].width)
     if note:

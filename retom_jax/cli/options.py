@@ -73,6 +73,15 @@ positive_int = int_at_least(1, "a positive integer")
 non_negative_int = int_at_least(0, "an integer >= 0")
 
 
+def image_side(text):
+    """An image side in pixels: a positive integer up to 16384 (pipelines' MAX_SIDE)."""
+    value = positive_int(text)
+    if value > 16384:
+        raise argparse.ArgumentTypeError(f"{value} pixels is more than 16384, beyond what any "
+                                         f"Stable Diffusion model makes")
+    return value
+
+
 def window_arg(text):
     parts = text.lower().replace("*", "x").split("x")
     try:

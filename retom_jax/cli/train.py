@@ -1,8 +1,12 @@
 """``retom-jax train``: fine-tune a UNet (LoRA or full), or retrain the demo model."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from ..models.weights import CheckpointError
 from ..train.demo import train_demo
+from ..train.checkpoints import checkpoint_info, latest_checkpoint
 from ..train.loop import train
 from ..train.trainer import TrainError
 from .options import (DTYPES, HelpFormatter, add_merge_options, add_mesh_options,
@@ -35,7 +39,7 @@ def add_parser(sub):
     t.add_argument("--batch-size", type=positive_int, default=1, help="images per step")
     t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     t.add_argument("--warmup-steps", type=int, default=0,
-                   help="linear learning-rate warm-up steps")
+                   help="linear learning-rate warm-up steps, at most --steps")
     t.add_argument("--snr-gamma", type=float, default=None, help="min-SNR weighting (e.g. 5)")
     t.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="default: the model's scheduler's")
@@ -61,6 +65,13 @@ def add_parser(sub):
                         "state over fsdp; an axis left out is 1, except data, which takes the "
                         "devices left")
     t.add_argument("--no-progress", action="store_true", help="no progress line")
+    t.add_argument("--allow-changes", action="store_true",
+                   help="resume a run in --out although settings that define it (data, "
+                        "learning rate, merge ...) changed; without it such a resume is "
+                        "refused")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run's files in an --out that has no checkpoint "
+                        "to resume")
     t.set_defaults(handler=run_train, subparser=t)
     return t
 
@@ -91,7 +102,15 @@ def run_train(args, parser) -> int:
               max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay,
               caption_dropout=args.caption_dropout, checkpoint_every=args.checkpoint_every,
               caption_column=args.caption_column, seed=args.seed, save_dtype=args.save_dtype,
-              progress=not args.no_progress, mesh=mesh)
+              progress=not args.no_progress, mesh=mesh, allow_changes=args.allow_changes,
+              overwrite=args.overwrite)
     except (TrainError, CheckpointError, ValueError) as e:
         parser.error(str(e))
+    except KeyboardInterrupt:
+        last = latest_checkpoint(Path(args.out) / "checkpoints")
+        where = (f"the last checkpoint is {last} (step {checkpoint_info(last)[0]}): run the "
+                 f"same command to resume from it" if last is not None
+                 else "no checkpoint was written yet")
+        print(f"\nretom-jax: interrupted; {where}", file=sys.stderr)
+        return 130
     return 0

@@ -262,6 +262,12 @@ def check_merge_map_args(args, parser) -> None:
         parser.error(f"--merge-map needs --merge tome or retom, got --merge {args.merge}")
     if Path(args.merge_map).suffix.lower() != ".png":
         parser.error(f"--merge-map {args.merge_map!r}: use a .png file name")
+    from ..io import OutputError, check_output_file
+
+    try:
+        check_output_file(args.merge_map, getattr(args, "overwrite", True), "--merge-map")
+    except OutputError as e:
+        parser.error(str(e))
     step = args.merge_map_step
     if step is not None and not 0 <= step < args.steps:
         parser.error(f"--merge-map-step {step} is outside the {args.steps} steps")
@@ -279,8 +285,12 @@ def save_merge_map_from_args(args, parser, pipe, merge, **options) -> None:
                            num_images_per_prompt=args.num_images, **options)
     except ValueError as e:
         parser.error(str(e))
+    from ..io import OutputError, save_image
+
     path = Path(args.merge_map)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    result.picture.save(path)
+    try:
+        save_image(result.picture, path, overwrite=getattr(args, "overwrite", True))
+    except OutputError as e:
+        parser.error(str(e))
     print(f"saved merge map {path} (step {result.step}, level {result.level}, block "
           f"{result.block}: {result.merged} tokens merged)")

@@ -20,7 +20,6 @@ is always made: PSNR and SSIM compare every other run with it image by image, an
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ..cli.options import merge_from_args
@@ -59,9 +58,9 @@ def _load_json(path: Path, default):
 
 
 def write_json(path: Path, value):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    from ..io import write_json as write
+
+    write(path, value)
 
 
 _GENERATION_KEYS = ("model", "steps", "guidance", "height", "width", "scheduler", "dtype",
@@ -86,12 +85,36 @@ def check_generation(args, prompts, out: Path) -> dict:
                          if k != "prompts") or "a different prompt list"
         raise ValueError(f"{out} holds images made with other settings ({diff}): use another "
                          f"--out, or remove {out / 'images'} to start again")
+    if len(settings["prompts"]) < len(old.get("prompts", [])):
+        raise ValueError(f"{out} holds images of {len(old['prompts'])} prompts and this run "
+                         f"names {len(settings['prompts'])}: its results would replace theirs; "
+                         f"use --num-prompts {len(old['prompts'])} (or more) or another --out")
     settings["prompts"] = long
     return settings
 
 
+def _usable(path: Path, size, log) -> bool:
+    """Whether an image of an earlier run can be kept: it exists, is a whole PNG and has
+    the size asked for; a damaged one is reported and made again."""
+    from ..images import ImageFileError, check_image_file
+
+    if not path.is_file():
+        return False
+    try:
+        got = check_image_file(path)
+    except ImageFileError as e:
+        log(f"{e}: making it again")
+        return False
+    if None not in size and tuple(got) != tuple(size):
+        log(f"{path} is {got[0]}x{got[1]}, not {size[0]}x{size[1]}: making it again")
+        return False
+    return True
+
+
 def generate_images(pipe, args, prompts, runs, out: Path, log=print) -> dict:
     """Make the missing images; returns ``{run tag: [seconds per image, ...]}``."""
+    from ..io import save_image
+
     write_json(out / "generation.json", check_generation(args, prompts, out))
     first_level = min(pipe.unet.config.attention_downsamples(), default=1)
     timings_path = out / "timings.json"
@@ -103,7 +126,7 @@ def generate_images(pipe, args, prompts, runs, out: Path, log=print) -> dict:
         for p in range(len(prompts)):
             for seed in range(args.seeds):
                 path = folder / f"p{p:04d}-s{seed}.png"
-                if not path.is_file():
+                if not _usable(path, (args.width, args.height), log):
                     todo.append((method, ratio, tag, p, seed, path))
     total = len(runs) * len(prompts) * args.seeds
     log(f"{total - len(todo)} of {total} images already in {out / 'images'}; "
@@ -116,10 +139,7 @@ def generate_images(pipe, args, prompts, runs, out: Path, log=print) -> dict:
         result = pipe(prompts[p], num_inference_steps=args.steps,
                       guidance_scale=args.guidance, height=args.height, width=args.width,
                       seed=seed, merge=merges[tag], output_type="pil")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.png")
-        result.images[0].save(tmp)
-        os.replace(tmp, path)
+        save_image(result.images[0], path)
         timings.setdefault(tag, {})[path.name] = result.run_seconds
         write_json(timings_path, timings)
         bar.update(what=f"{tag} {path.stem}")
@@ -136,9 +156,11 @@ def _read_images(paths, size=None) -> "np.ndarray":
     import numpy as np
     from PIL import Image
 
+    from ..images import read_image
+
     out = []
     for p in paths:
-        im = Image.open(p).convert("RGB")
+        im = read_image(p)
         if size is not None and im.size != (size[1], size[0]):
             h, w = size
             scale = max(h / im.height, w / im.width)
@@ -150,7 +172,7 @@ def _read_images(paths, size=None) -> "np.ndarray":
     return np.stack(out)
 
 
-def reference_paths(folder: str) -> list[Path]:
+def reference_paths(folder: str, check: bool = False) -> list[Path]:
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ValueError(f"--reference {folder!r}: no such folder")
@@ -158,6 +180,11 @@ def reference_paths(folder: str) -> list[Path]:
     if len(paths) < 2:
         raise ValueError(f"--reference {folder!r} holds {len(paths)} image(s); FID and "
                          f"CMMD need at least 2")
+    if check:
+        from ..images import check_image_file
+
+        for p in paths:
+            check_image_file(p, "--reference image")
     return paths
 
 
@@ -275,7 +302,9 @@ def plot(rows: list[dict], path: Path) -> bool:
         ax.set_ylabel(field)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from ..io import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
     return True
 

@@ -8,6 +8,13 @@ element count and bytes). The pickle goes through a restricted unpickler, in the
 ``torch.load(weights_only=True)``: the only globals it resolves are the tensor rebuild
 functions, the typed storage classes and ``collections.OrderedDict``; the object may hold
 those and plain containers. Any other global is an error that names it, never an import.
+
+Hostile files are refused in bounded time and memory: every storage must fit in the file
+(a zip member is read only up to the bytes its tensors need, and a member whose declared
+size is far beyond its compressed size, a zip bomb, is refused before decompressing), the
+tensors together may not hold more than twice their storages' elements, and the object is
+checked and copied visiting each shared container once (a pickle that nests ``a = [a, a]``
+50 deep holds 51 lists, not 2**50), at most 64 levels deep and without cycles.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import io
 import pickle
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import ml_dtypes
@@ -32,10 +40,16 @@ STORAGE_DTYPES = {
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
+MAX_PICKLE_BYTES = 64 << 20  # the data.pkl of a zip archive (the object, not the tensors)
+MAX_RATIO = 64  # declared / compressed size of a zip member beyond which it is a bomb
+MAX_NODES = 1_000_000  # containers and items the plain-data check visits
 
 
 class TorchFileError(ValueError):
-    """A PyTorch file that is not a plain file of tensors, or is corrupt."""
+    """A PyTorch file that is not a plain file of tensors, or is corrupt (one line)."""
+
+    def __init__(self, message="", *args):
+        super().__init__(" ".join(str(message).splitlines())[:600], *args)
 
 
 class _StorageType:
@@ -64,6 +78,9 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
                              f"{list(size)}, stride {list(stride)}")
     if any(s == 0 for s in size):
         return np.zeros(size, storage.dtype)
+    if int(np.prod(size, dtype=object)) > storage.size:
+        raise TorchFileError(f"a tensor of size {list(size)} has more elements than its "
+                             f"storage ({storage.size}): not a saved tensor")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= storage.size:
         raise TorchFileError(f"a tensor of size {list(size)} reaches element {last} of a "
@@ -119,20 +136,66 @@ def _unpickle(data, load_storage):
         raise TorchFileError(f"the pickle in it is malformed ({type(e).__name__}: {e})") from None
 
 
-def _check_plain(obj, path, depth=0):
-    """Only arrays, numbers, strings, None and containers of them."""
-    if depth > 64:
-        raise TorchFileError(f"{path}: nested too deeply")
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _check_plain(k, path, depth + 1)
-            _check_plain(v, path, depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _check_plain(v, path, depth + 1)
-    elif not isinstance(obj, (np.ndarray, int, float, bool, str, bytes, type(None))):
-        raise TorchFileError(f"{path} holds a {type(obj).__name__}, not tensors and plain "
-                             f"containers")
+def _check_plain(obj, path):
+    """Only arrays, numbers, strings, None and containers of them; each shared container
+    visited once, no cycles, at most 64 levels and `MAX_NODES` items, and the arrays
+    together at most twice the elements of the storages they view (or 1M elements)."""
+    done, active = set(), set()
+    count = [0, 0]  # items visited, array elements
+    storages = {}
+
+    def visit(o, depth):
+        count[0] += 1
+        if count[0] > MAX_NODES:
+            raise TorchFileError(f"{path}: holds more than {MAX_NODES} objects: not a "
+                                 f"file of tensors")
+        if isinstance(o, np.ndarray):
+            if id(o) not in done:
+                done.add(id(o))
+                base = o.base if o.base is not None else o
+                while getattr(base, "base", None) is not None:
+                    base = base.base
+                storages[id(base)] = getattr(base, "size", o.size)
+                count[1] += o.size
+            return
+        if isinstance(o, (int, float, bool, str, bytes, type(None))):
+            return
+        if not isinstance(o, (dict, list, tuple)):
+            raise TorchFileError(f"{path} holds a {type(o).__name__}, not tensors and plain "
+                                 f"containers")
+        if id(o) in done:
+            return
+        if id(o) in active:
+            raise TorchFileError(f"{path}: a container holds itself: not a file of tensors")
+        if depth > 64:
+            raise TorchFileError(f"{path}: nested too deeply")
+        active.add(id(o))
+        for v in (x for kv in o.items() for x in kv) if isinstance(o, dict) else o:
+            visit(v, depth + 1)
+        active.discard(id(o))
+        done.add(id(o))
+
+    visit(obj, 0)
+    limit = 2 * sum(storages.values()) + (1 << 20)
+    if count[1] > limit:
+        raise TorchFileError(f"{path}: its tensors hold {count[1]} elements, more than "
+                             f"twice their storages' {sum(storages.values())}: refusing to "
+                             f"copy them")
+
+
+def _read_member(z, info, size: int, path, what: str) -> bytes:
+    """``size`` bytes of a zip member, refusing a zip bomb before decompressing."""
+    if info.file_size < size:
+        raise TorchFileError(f"{path} is corrupt: {what} has {info.file_size} bytes, "
+                             f"{size} expected")
+    if info.file_size > MAX_RATIO * info.compress_size + (1 << 20):
+        raise TorchFileError(f"{path}: {what} claims {info.file_size} bytes from "
+                             f"{info.compress_size} compressed: a zip bomb, refused")
+    with z.open(info) as f:
+        raw = f.read(size)
+    if len(raw) != size:
+        raise TorchFileError(f"{path} is truncated in {what}")
+    return raw
 
 
 def _load_zip(path: Path):
@@ -145,27 +208,37 @@ def _load_zip(path: Path):
         root = pkl[0].rsplit("/", 1)[0]
         order = "little"
         if f"{root}/byteorder" in names:
-            order = z.read(f"{root}/byteorder").decode().strip()
+            info = z.getinfo(f"{root}/byteorder")
+            order = _read_member(z, info, min(info.file_size, 16), path, "byteorder")
+            order = order.decode(errors="replace").strip()
         cache = {}
+        budget = [sum(i.file_size for i in z.infolist())]
 
         def storage(dtype, key, numel):
             if key not in cache:
                 member = f"{root}/data/{key}"
                 if member not in names:
                     raise TorchFileError(f"{path} is corrupt: storage {key!r} is missing")
-                raw = z.read(member)
-                if len(raw) < numel * dtype.itemsize:
-                    raise TorchFileError(f"{path} is corrupt: storage {key!r} has {len(raw)} "
-                                         f"bytes, {numel * dtype.itemsize} expected")
+                size = numel * dtype.itemsize
+                if size > budget[0]:
+                    raise TorchFileError(f"{path} is corrupt: its storages need more bytes "
+                                         f"than the archive holds")
+                budget[0] -= size
+                raw = _read_member(z, z.getinfo(member), size, path, f"storage {key!r}")
                 array = np.frombuffer(raw, dtype.newbyteorder("<" if order == "little" else ">"),
                                       count=numel)
                 cache[key] = array.astype(dtype)
             return cache[key]
 
-        return _unpickle(z.read(pkl[0]), storage)
+        info = z.getinfo(pkl[0])
+        if info.file_size > MAX_PICKLE_BYTES:
+            raise TorchFileError(f"{path}: its data.pkl claims {info.file_size} bytes, more "
+                                 f"than a file of tensors needs ({MAX_PICKLE_BYTES})")
+        return _unpickle(_read_member(z, info, info.file_size, path, "data.pkl"), storage)
 
 
 def _load_legacy(path: Path):
+    file_size = path.stat().st_size
     with open(path, "rb") as f:
         if _unpickle(f, None) != _LEGACY_MAGIC:
             raise TorchFileError(f"{path} is neither a torch.save zip archive nor a legacy "
@@ -179,6 +252,9 @@ def _load_legacy(path: Path):
         def storage(dtype, key, numel):
             # The bytes come after the object: tensors are views of arrays filled below.
             if key not in storages:
+                if numel * dtype.itemsize > file_size:
+                    raise TorchFileError(f"storage {key!r} claims {numel} elements, more "
+                                         f"than the file's {file_size} bytes hold")
                 storages[key] = np.zeros(numel, dtype)
             return storages[key]
 
@@ -202,15 +278,22 @@ def _load_legacy(path: Path):
     return obj
 
 
-def _copies(obj):
-    """The object with every array a contiguous copy (tensors are views until here)."""
+def _copies(obj, memo=None):
+    """The object with every array a contiguous copy (tensors are views until here); a
+    shared container or array stays shared (one copy)."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
     if isinstance(obj, np.ndarray):
-        return np.array(obj)
-    if isinstance(obj, dict):
-        return type(obj)((k, _copies(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_copies(v) for v in obj)
-    return obj
+        out = np.array(obj)
+    elif isinstance(obj, dict):
+        out = type(obj)((_copies(k, memo), _copies(v, memo)) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        out = type(obj)(_copies(v, memo) for v in obj)
+    else:
+        return obj
+    memo[id(obj)] = out
+    return out
 
 
 def load_torch_file(path):
@@ -220,7 +303,12 @@ def load_torch_file(path):
     if not path.is_file():
         raise TorchFileError(f"file not found: {path}")
     if zipfile.is_zipfile(path):
-        obj = _load_zip(path)
+        try:
+            obj = _load_zip(path)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError,
+                NotImplementedError, RuntimeError) as e:
+            raise TorchFileError(f"{path} is a corrupt zip archive ({type(e).__name__}: "
+                                 f"{str(e)[:200]})") from None
     else:
         try:
             obj = _load_legacy(path)

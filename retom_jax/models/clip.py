@@ -74,6 +74,8 @@ def check_encoder_fields(config, more_ints: tuple = ()) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if value > (1 << 20) or (name == "num_hidden_layers" and value > 1024):
+            raise ValueError(f"{name} {value} is larger than any CLIP model retom-jax builds")
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(f"hidden_size {config.hidden_size} is not divisible by "
                          f"num_attention_heads {config.num_attention_heads}")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -38,13 +39,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .weights import CheckpointError, read_safetensors, read_safetensors_metadata, to_flax_layout, torch_key
+from .weights import (CheckpointError, check_finite, read_safetensors,
+                      read_safetensors_metadata, to_flax_layout, torch_key)
 
 __all__ = ["LoraError", "LoraLayer", "LoraFile", "COMPONENTS", "KOHYA_PREFIXES",
            "parse_lora_key", "kohya_name", "diffusers_keys", "sgm_to_diffusers", "module_table", "lora_delta",
-           "read_lora", "fuse_lora", "load_lora_into", "parse_lora_spec"]
+           "read_lora", "fuse_lora", "load_lora_into", "parse_lora_spec", "LORA_FILE_NAME"]
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+LORA_FILE_NAME = "pytorch_lora_weights.safetensors"  # what diffusers and `train` write
 # kohya prefix -> component (SD's "lora_te_" is its only text encoder)
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
@@ -218,8 +221,18 @@ def _normalize(component: str, module: str, table: dict) -> str:
 
 def read_lora(path) -> LoraFile:
     """Read a LoRA ``.safetensors`` file (diffusers/peft or kohya layout) into
-    :class:`LoraFile`, checking that every layer has both halves of consistent rank."""
+    :class:`LoraFile`, checking that every layer has both halves of consistent rank. A
+    folder stands for its ``pytorch_lora_weights.safetensors`` (what ``retom-jax train``
+    and diffusers' ``save_lora_weights`` write), or its only ``.safetensors`` file."""
     path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():  # the folder `retom-jax train` (or diffusers) wrote
+        files = ([path / LORA_FILE_NAME] if (path / LORA_FILE_NAME).is_file()
+                 else sorted(path.glob("*.safetensors")))
+        if len(files) != 1:
+            raise LoraError(f"{path} is a folder without {LORA_FILE_NAME}"
+                            + (f" and with {len(files)} .safetensors files: name one" if files
+                               else " or any .safetensors file"))
+        path = files[0]
     if not path.is_file():
         raise LoraError(f"LoRA file not found: {path}")
     if path.suffix != ".safetensors":
@@ -241,10 +254,18 @@ def read_lora(path) -> LoraFile:
             raise LoraError(f"{path}: {e}") from None
         kinds.add(key.startswith("lora_"))
         layer = layers.setdefault(component, {}).setdefault(module, LoraLayer())
+        if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
+            raise LoraError(f"{path}: {key} has dtype {array.dtype}, not numbers")
+        values = np.asarray(array, np.float32)
+        if not np.all(np.isfinite(values)):
+            raise LoraError(f"{path}: {key} holds NaN or infinite values (as float32): "
+                            f"refusing to fuse it")
         if role == "alpha":
-            layer.alpha = float(np.asarray(array, np.float32).reshape(-1)[0])
+            if values.size != 1:
+                raise LoraError(f"{path}: {key} holds {values.size} values, an alpha is one")
+            layer.alpha = float(values.reshape(-1)[0])
         else:
-            setattr(layer, role, np.asarray(array, np.float32))
+            setattr(layer, role, values)
     if len(kinds) > 1:
         raise LoraError(f"{path} mixes kohya (lora_unet_...) and diffusers (unet....) keys")
     kohya = kinds == {True}
@@ -264,8 +285,12 @@ def read_lora(path) -> LoraFile:
             if layer.up.ndim == 4 and layer.up.shape[2:] != (1, 1):
                 raise LoraError(f"{where}: a convolution's up weight must be 1x1, got "
                                 f"{list(layer.up.shape)}")
+            if layer.rank == 0:
+                raise LoraError(f"{where} has rank 0")
             if layer.alpha is None and component in alphas:
                 layer.alpha = alphas[component](module, layer.rank)
+            if layer.alpha is not None and not np.isfinite(layer.alpha):
+                raise LoraError(f"{where}: its alpha {layer.alpha} is not a finite number")
     return LoraFile(str(path), layers, kohya)
 
 
@@ -279,6 +304,8 @@ def _metadata_alphas(meta: dict, path) -> dict:
         config = json.loads(raw)
     except json.JSONDecodeError:
         raise LoraError(f"{path}: its lora_adapter_metadata is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{path}: its lora_adapter_metadata is not a JSON object")
     out = {}
     for component in COMPONENTS:
         cfg = {k[len(component) + 1:]: v for k, v in config.items()
@@ -291,11 +318,22 @@ def _metadata_alphas(meta: dict, path) -> dict:
         alpha = cfg.get("lora_alpha")
         pattern = cfg.get("alpha_pattern") or {}
         rslora = bool(cfg.get("use_rslora"))
+        numbers = [alpha, *pattern.values()] if isinstance(pattern, dict) else None
+        if numbers is None or not all(
+                a is None or (isinstance(a, (int, float)) and not isinstance(a, bool)
+                              and math.isfinite(a)) for a in numbers):
+            raise LoraError(f"{path}: its lora_adapter_metadata gives {component} a "
+                            f"lora_alpha / alpha_pattern that is not finite numbers")
+        try:
+            pattern = {re.compile(rf"(.*\.)?{key}"): value for key, value in pattern.items()}
+        except re.error as e:
+            raise LoraError(f"{path}: its lora_adapter_metadata has an alpha_pattern that is "
+                            f"not a regular expression ({e})") from None
 
         def alpha_of(module, rank, alpha=alpha, pattern=pattern, rslora=rslora):
             a = alpha
             for key, value in pattern.items():  # peft matches a pattern as a name suffix
-                if re.fullmatch(rf"(.*\.)?{key}", module):
+                if key.fullmatch(module):
                     a = value
                     break
             if a is None:
@@ -316,7 +354,8 @@ def lora_delta(layer: LoraLayer, scale: float = 1.0) -> np.ndarray:
     factor = scale * ((layer.alpha if layer.alpha is not None else r) / r)
     down = layer.down.reshape(r, -1).astype(np.float32)
     up = layer.up.reshape(layer.up.shape[0], r).astype(np.float32)
-    delta = (up @ down) * np.float32(factor)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked where it is fused
+        delta = (up @ down) * np.float32(factor)
     return delta.reshape((layer.up.shape[0],) + layer.down.shape[1:])
 
 
@@ -334,6 +373,7 @@ def fuse_lora(params, layers: dict, scale: float = 1.0, *, component: str = "une
     else:
         origin = {m: m for m in layers}
     flat = dict(nnx.to_flat_state(params))
+    changed = {}
     for module, layer in layers.items():
         name = by_kohya.get(module) if kohya else _normalize(component, module, table)
         if name is None or name not in table:
@@ -351,6 +391,9 @@ def fuse_lora(params, layers: dict, scale: float = 1.0, *, component: str = "une
             raise LoraError(f"{where}: the update for {component} layer {name!r} has shape "
                             f"{list(delta.shape)} but the layer's weight is {torch_shape}")
         flat[path] = (jnp.asarray(old, jnp.float32) + jnp.asarray(update)).astype(old.dtype)
+        changed[f"{component} layer {name}"] = flat[path]
+    check_finite(changed, f"{where}: the {component} weights with this LoRA fused in (scale "
+                 f"{scale})", LoraError)
     return nnx.from_flat_state(flat)
 
 
@@ -393,10 +436,14 @@ def parse_lora_spec(spec) -> tuple[str, float]:
     if not isinstance(spec, str):
         raise LoraError(f"a LoRA entry is a file or (file, scale), got {spec!r}")
     head, sep, tail = spec.rpartition(":")
-    if sep and head and not Path(spec).is_file():
+    if sep and head and not Path(spec).exists():
         try:
-            return head, _check_scale(float(tail))
+            value = float(tail)
         except ValueError:
             raise LoraError(f"{spec!r}: the scale after ':' must be a number, got "
                             f"{tail!r}") from None
+        if not np.isfinite(value):
+            raise LoraError(f"{spec!r}: the scale after ':' must be a finite number, got "
+                            f"{tail!r}")
+        return head, value
     return spec, 1.0

@@ -42,6 +42,10 @@ _OFF = {
 }
 
 
+MAX_SAMPLE_SIZE = 2048  # latent pixels a side (16384 image pixels)
+MAX_LEVELS, MAX_LAYERS, MAX_CHANNELS = 16, 64, 65536
+
+
 def _is_pos_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
@@ -91,6 +95,19 @@ def _check_fields(cfg: dict):
             isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_pos_int(x) for x in size)):
         fail("sample_size", "a positive integer (latent pixels), a [height, width] pair "
                             "or null")
+    # Bounds that keep a hostile config from building a model without end or from sizing
+    # a default image no device holds (the largest real UNets are far inside them).
+    sides = size if isinstance(size, (list, tuple)) else [size]
+    if any(v is not None and v > MAX_SAMPLE_SIZE for v in sides):
+        fail("sample_size", f"at most {MAX_SAMPLE_SIZE} latent pixels a side")
+    if len(channels) > MAX_LEVELS:
+        fail("block_out_channels", f"at most {MAX_LEVELS} levels")
+    for name in ("layers_per_block", "transformer_layers_per_block"):
+        v = cfg.get(name)
+        if any(x > MAX_LAYERS for x in (v if isinstance(v, (list, tuple)) else [v or 0])):
+            fail(name, f"at most {MAX_LAYERS}")
+    if max(channels) > MAX_CHANNELS:
+        fail("block_out_channels", f"at most {MAX_CHANNELS} channels a level")
 
 
 def _per_level(value, n, name):

@@ -96,6 +96,9 @@ class VAEConfig:
                 fail(f"{name} contains {', '.join(other)}; only {kind} is implemented")
         if self.act_fn not in ("silu", "swish"):
             fail(f"act_fn {self.act_fn!r}; only 'silu' is implemented")
+        if len(channels) > 16 or max(channels) > 65536 or self.layers_per_block > 64:
+            fail("more than 16 levels, 65536 channels or 64 layers per block: not a VAE "
+                 "retom-jax builds")
         bad = [c for c in channels if c % self.norm_num_groups]
         if bad:
             fail(f"block_out_channels {bad} are not divisible by norm_num_groups="

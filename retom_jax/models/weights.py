@@ -37,8 +37,23 @@ ST_DTYPES = {
 }
 
 
+def one_line(text, limit: int = 600) -> str:
+    """``text`` on one line (line breaks as spaces), at most ``limit`` characters: a
+    longer one keeps its start and end around `` ... `` (a config value's repr can be
+    megabytes)."""
+    text = str(text).replace("\r", " ").replace("\n", " ")
+    if len(text) <= limit:
+        return text
+    keep = limit - 5
+    return text[: keep * 2 // 3] + " ... " + text[len(text) - (keep - keep * 2 // 3):]
+
+
 class CheckpointError(ValueError):
-    """A checkpoint folder or weight file is missing, corrupt or does not fit the model."""
+    """A checkpoint folder or weight file is missing, corrupt or does not fit the model.
+    Its message is one line of at most 600 characters (`one_line`)."""
+
+    def __init__(self, message="", *args):
+        super().__init__(one_line(message), *args)
 
 
 # ----------------------------------------------------------------------------- files
@@ -121,16 +136,37 @@ def weight_files(folder, stem: str, variant: str | None = None) -> list[Path]:
         if single.is_file():
             return [single]
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index} is not a valid shard index ({e})") from None
-            return [folder / shard for shard in sorted(set(weight_map.values()))]
+            return shard_files(index)
     pickles = sorted(p.name for p in folder.glob(f"{stem}*.bin"))
     hint = (f" It has PyTorch pickles ({', '.join(pickles)}), which are not read without torch: "
             "re-save the model with safe_serialization=True." if pickles else "")
     wanted = " or ".join(f"{n}.safetensors[.index.json]" for n in names)
     raise CheckpointError(f"no weights in {folder}: expected {wanted}.{hint}")
+
+
+def shard_files(index) -> list[Path]:
+    """The shard files a ``*.safetensors.index.json`` names, each a relative path inside
+    the index's own folder (a path that leaves it, ``../x`` or ``/abs``, is refused)."""
+    index = Path(index)
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError,
+            OSError) as e:
+        raise CheckpointError(f"{index} is not a valid shard index "
+                              f"({type(e).__name__}: {str(e)[:120]})") from None
+    files = []
+    for shard in shards:
+        # lexical: the Hugging Face cache links each file to a blob outside the folder
+        if (not isinstance(shard, str) or not shard or "\0" in shard
+                or os.path.isabs(shard) or os.path.normpath(shard).split(os.sep)[0] == ".."
+                or os.path.normpath(shard) == "."):
+            raise CheckpointError(f"{index} names the shard {str(shard)[:120]!r}, which is "
+                                  f"not a file in {index.parent}: refused")
+        files.append(index.parent / shard)
+    if not files:
+        raise CheckpointError(f"{index} names no shard files")
+    return files
 
 
 def read_state_dict(folder, stem: str, variant: str | None = None) -> dict[str, StoredTensor]:
@@ -237,7 +273,7 @@ def config_errors(where: str):
     try:
         yield
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{where}: {e}") from None
+        raise CheckpointError(f"{where}: {one_line(e, 300)}") from None
 
 
 def dtypes(dtype, param_dtype=None) -> tuple:
@@ -411,9 +447,37 @@ def load_params(module: nnx.Module, state_dict: dict, param_dtype,
         else:
             pure[path] = jnp.asarray(to_flax_layout(np.asarray(stored), leaf)).astype(param_dtype)
     if problems:
+        shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6
+                                else [])
         raise CheckpointError(f"the weights in {where} do not fit the model built from its "
-                              f"config.json: " + "; ".join(problems))
+                              f"config.json: " + "; ".join(shown))
+    check_finite({torch_key(path): v for path, v in pure.items()}, f"the weights in {where}")
     return graphdef, nnx.from_flat_state(pure)
+
+
+@jax.jit
+def _finite_flags(arrays: list) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]) if arrays else jnp.ones(0, bool)
+
+
+def nonfinite(arrays: dict) -> list[str]:
+    """The names of the float arrays in ``arrays`` (``{name: array}``) that hold a NaN or
+    an infinity; one jitted reduction and one host transfer for all of them."""
+    names = [k for k, a in arrays.items() if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+    if not names:
+        return []
+    flags = np.asarray(_finite_flags([arrays[k] for k in names]))
+    return [k for k, ok in zip(names, flags) if not ok]
+
+
+def check_finite(arrays: dict, source: str, error=None) -> None:
+    """``error`` (CheckpointError) naming ``source`` and the first arrays that hold a NaN
+    or an infinity, if any does."""
+    bad = nonfinite(arrays)
+    if bad:
+        raise (error or CheckpointError)(
+            f"{source} hold NaN or infinite values ({len(bad)} array(s): "
+            f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): refusing to use them")
 
 
 def to_torch_shape(shape: tuple, leaf: str) -> tuple:

@@ -53,6 +53,7 @@ from ..merge.interface import MergeMethod, loop_segments
 from ..merge.checks import is_int
 from ..models.weights import CheckpointError
 from .request import Carry, EncodeConfig, OUTPUT_TYPES, PipelineOutput, SampleConfig, SampleRequest, StepBar, StepConfig, as_key, check_merge_steps, merge_at, prompt_list, signature, to_pil, make_scheduler
+from .request import MAX_SIDE, check_result, latents_ok
 
 _F32 = jnp.float32
 
@@ -330,7 +331,28 @@ class Pipeline:
             if v % f:
                 raise ValueError(f"{name}={v} is not a multiple of {f} (the VAE's scale "
                                  f"factor): use a multiple of {f}")
+            if v > MAX_SIDE:
+                raise ValueError(f"{name}={v} is more than {MAX_SIDE} pixels, beyond what any "
+                                 f"Stable Diffusion model makes (SD 512-768, SDXL 1024)")
         return int(height), int(width)
+
+    def _check_latent_room(self, shape) -> None:
+        """ValueError before the noise is drawn when the latents alone (noise, latents and
+        the guided batch: 4 copies) cannot fit the device's free memory; the compiled
+        program's own memory check comes later, after compiling."""
+        import os
+
+        from .memory import available_bytes, format_bytes
+
+        if os.environ.get("RETOM_JAX_MEMORY_CHECK", "1") == "0":
+            return
+        need = 4 * 4 * int(np.prod(shape, dtype=np.int64))
+        leaf = jax.tree_util.tree_leaves(self.unet.params)[0]
+        free = available_bytes(next(iter(leaf.devices())))
+        if free is not None and need > free:
+            raise ValueError(f"{shape[0]} image(s) of latents {shape[2]}x{shape[3]} need "
+                             f"{format_bytes(need)} before sampling starts, more than the "
+                             f"{format_bytes(free)} free: make fewer or smaller images")
 
     def _check_latents(self, latents, shape):
         if latents is None:
@@ -432,6 +454,10 @@ class Pipeline:
     def _decode(self, params, x):
         z = self.vae.config.from_model_latents(x, self._uses_latent_stats)
         img = self.vae.apply_decode(params["vae"], z.astype(self.vae.dtype)).astype(_F32)
+        # A diverged sample (NaN, infinity or a blow-up) becomes NaN images, which the host
+        # refuses (check_result) instead of returning a flat grey picture.
+        ok = latents_ok(x) & jnp.all(jnp.isfinite(img))
+        img = jnp.where(ok, img, jnp.nan)
         return jnp.transpose(jnp.clip(img / 2 + 0.5, 0.0, 1.0), (0, 2, 3, 1))
 
     def _finish(self, decode: bool, params, x):
@@ -543,6 +569,7 @@ class Pipeline:
         else:
             out = self._run("sample", static, *args)
         out = sharding.to_host(jax.block_until_ready(out))[:static.batch - static.pad]
+        check_result(out, static.decode, self.resolve_guidance(guidance_scale))
         if output_type == "pil":
             out = to_pil(out)
         compile_s = self._compile_clock
@@ -616,6 +643,7 @@ class Pipeline:
         f = self.vae_scale_factor
         latent_hw = (height // f, width // f)
         shape = (batch, c) + latent_hw
+        self._check_latent_room(shape)
         latents = self._check_latents(latents, shape)
         self._check_merge(merge, latent_hw)
         if self.mesh is not None:

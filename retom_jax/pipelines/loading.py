@@ -122,7 +122,12 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
             raise CheckpointError(f"the component folder {name}/ is missing in {root}")
     # The scheduler first: a bad name fails before any weights are read.
     sched_config = _read_scheduler_config(root) if (root / "scheduler").is_dir() else None
-    sched = make_scheduler(sched_config, scheduler)
+    try:
+        sched = make_scheduler(sched_config, scheduler)
+    except (ValueError, TypeError) as e:
+        if sched_config is None or str(e).startswith("unknown scheduler"):
+            raise
+        raise CheckpointError(f"{root / 'scheduler' / 'scheduler_config.json'}: {e}") from None
     common = dict(param_dtype=param_dtype, variant=variant, attention=attention, mesh=mesh)
     unet = load_unet(root / "unet", dtype, subfolder=None, **common)
     vae = load_vae(root / "vae", dtype, subfolder=None, **common)

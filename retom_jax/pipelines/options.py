@@ -147,16 +147,9 @@ def img2img_start(num_inference_steps: int, strength: float) -> int:
 
 
 def _load_image_file(path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from ..images import read_image
 
-    path = Path(os.path.expanduser(str(path)))
-    if not path.is_file():
-        raise ValueError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read {path} as an image ({e})") from None
+    return np.asarray(read_image(path))
 
 
 def _one_image(image) -> np.ndarray:
@@ -164,7 +157,9 @@ def _one_image(image) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         image = _load_image_file(image)
     elif hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
-        image = np.asarray(image.convert("RGB"))
+        from ..images import to_rgb
+
+        image = np.asarray(to_rgb(image))
     elif hasattr(image, "detach"):  # a torch tensor
         image = image.detach().cpu().numpy()
     arr = np.asarray(image)

@@ -224,3 +224,26 @@ def make_scheduler(config: dict, scheduler):
                              f"{scheduler!r}")
         return scheduler
     return scheduler_from_config(config, name=scheduler)
+
+
+MAX_SIDE = 16384  # image pixels a side
+LATENT_LIMIT = 1e4  # |latent| beyond this before decoding: the sampling diverged
+
+
+def latents_ok(x) -> jax.Array:
+    """Whether final latents are finite and within `LATENT_LIMIT` (traced)."""
+    return jnp.all(jnp.isfinite(x)) & (jnp.max(jnp.abs(x)) <= LATENT_LIMIT)
+
+
+def check_result(out, decoded: bool, guidance) -> None:
+    """ValueError (one line) for a diverged sample: NaN images from the decoder (which
+    turns a sample whose latents fail `latents_ok` into NaN), or latents that are not
+    finite or beyond `LATENT_LIMIT` when they are the output."""
+    out = np.asarray(out)
+    bad = (not np.all(np.isfinite(out))) if decoded else (
+        not np.all(np.isfinite(out)) or np.abs(out).max(initial=0) > LATENT_LIMIT)
+    if bad:
+        raise ValueError(f"the sampling diverged: the latents hold NaN, infinite values or "
+                         f"values beyond {LATENT_LIMIT:g} before decoding (guidance_scale "
+                         f"{float(guidance):g}; usual values are 1 to 20), so no image is "
+                         f"returned")

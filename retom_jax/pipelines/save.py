@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import struct
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from ..io import atomic_write, write_json, write_text
 from ..models import weights
 from ..schedulers import SCHEDULER_CLASSES
 
@@ -57,15 +57,13 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    def write(f):
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for b in blobs:
             f.write(b)
-    os.replace(tmp, path)
-    return path
+
+    return atomic_write(path, write)
 
 
 def host_copy(a) -> np.ndarray:
@@ -119,7 +117,7 @@ def save_unet(folder, config, params, dtype=None) -> Path:
               **{k: v for k, v in config.items() if k != "_class_name"}}
     if is_writer():
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(config, indent=2, default=list) + "\n")
+        write_text(folder / "config.json", json.dumps(config, indent=2, default=list) + "\n")
     save_params(params, folder, "diffusion_pytorch_model", dtype)
     return folder
 
@@ -127,8 +125,7 @@ def save_unet(folder, config, params, dtype=None) -> Path:
 def _write_json(path: Path, value: dict):
     if not is_writer():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2) + "\n")
+    write_json(path, value)
 
 
 def _plain(value):

@@ -122,8 +122,8 @@ def from_config(config: Mapping[str, Any], name: Optional[str] = None, **overrid
     kwargs = {k: v for k, v in merged.items() if k in fields}
     if cls is PNDM:  # diffusers' default is the Runge-Kutta warm-up
         kwargs["skip_prk_steps"] = bool(merged.get("skip_prk_steps", False))
-    if kwargs.get("trained_betas") is not None:
-        kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
+    if isinstance(kwargs.get("trained_betas"), list):
+        kwargs["trained_betas"] = tuple(kwargs["trained_betas"])
     if kwargs.get("lambda_min_clipped") is None and "lambda_min_clipped" in kwargs:
         kwargs["lambda_min_clipped"] = -math.inf
     return cls(**kwargs)
@@ -143,12 +143,17 @@ def load_scheduler(path, name: Optional[str] = None, **overrides):
         ]
     for c in candidates:
         if os.path.isfile(c):
-            with open(c, "r", encoding="utf-8") as fh:
+            with open(c, "rb") as fh:
                 try:
-                    cfg = json.load(fh)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{c} is not valid JSON: {exc}") from exc
-            return from_config(cfg, name=name, **overrides)
+                    cfg = json.loads(fh.read())
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise ValueError(f"{c} is not valid JSON: {exc}") from None
+            try:
+                return from_config(cfg, name=name, **overrides)
+            except (ValueError, TypeError) as exc:
+                from ..models.weights import one_line
+
+                raise ValueError(f"{c}: {one_line(exc)}") from None
     raise FileNotFoundError(
         "no scheduler config found; looked for " + " and ".join(repr(c) for c in candidates)
     )

@@ -205,6 +205,40 @@ def check_choice(cls_name: str, field: str, value, allowed) -> None:
         )
 
 
+MAX_TRAIN_TIMESTEPS = 100_000
+TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string",
+              "bool": "true or false", "Tuple[float, ...]": "a list of numbers"}
+
+
+def type_ok(kind: str, value) -> bool:
+    """Whether ``value`` (from a JSON config) fits the field annotation ``kind``."""
+    if kind.startswith("Optional["):
+        return value is None or type_ok(kind[len("Optional["):-1], value)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool) or (type(value) is int and value in (0, 1))
+    if kind == "Tuple[float, ...]":
+        return (isinstance(value, (list, tuple))
+                and all(type_ok("float", v) and math.isfinite(v) for v in value))
+    return True
+
+
+def check_types(config) -> None:
+    """ValueError naming the first option whose value has the wrong JSON type."""
+    for f in dataclasses.fields(config):
+        kind, value = str(f.type), getattr(config, f.name)
+        if not type_ok(kind, value):
+            want = TYPE_NAMES.get(kind.removeprefix("Optional[").removesuffix("]"), kind)
+            raise ValueError(f"{type(config).__name__}: {f.name} must be {want}"
+                             f"{' or null' if kind.startswith('Optional[') else ''}, got "
+                             f"{str(value)[:60]!r}")
+
+
 def check_false(cls_name: str, field: str, value) -> None:
     if value:
         raise ValueError(f"{cls_name}: {field}={value!r} is not supported (only False)")
@@ -236,6 +270,17 @@ class Base:
 
     def __post_init__(self):
         name = type(self).__name__
+        check_types(self)
+        if not 2 <= self.num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
+            raise ValueError(f"{name}: num_train_timesteps must be an int in [2, "
+                             f"{MAX_TRAIN_TIMESTEPS}], got {self.num_train_timesteps}")
+        for field in ("beta_start", "beta_end"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                raise ValueError(f"{name}: {field} must be in [0, 1), got "
+                                 f"{getattr(self, field)!r}")
+        if not 0 <= self.steps_offset < self.num_train_timesteps:
+            raise ValueError(f"{name}: steps_offset must be in [0, num_train_timesteps), "
+                             f"got {self.steps_offset}")
         if self.trained_betas is not None:
             tb = tuple(float(b) for b in self.trained_betas)
             object.__setattr__(self, "trained_betas", tb)

@@ -38,10 +38,13 @@ def save_lora(path, lora: dict, rank: int, alpha: float | None = None,
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / "pytorch_lora_weights.safetensors"
+    tensors = lora_state_dict(lora, dtype=dtype)
+    weights.check_finite(tensors, f"the trained LoRA (not written to {path}; a lower "
+                         f"learning rate may help)", TrainError)
     config = {"unet.r": int(rank), "unet.lora_alpha": float(alpha or rank),
               "unet.target_modules": sorted({t for n in lora for t in LORA_TARGETS
                                              if n.endswith("." + t)})}
-    return write_safetensors(path, lora_state_dict(lora, dtype=dtype),
+    return write_safetensors(path, tensors,
                              {"format": "pt", "lora_adapter_metadata": json.dumps(
                                  config, indent=2, sort_keys=True)})
 
@@ -81,6 +84,37 @@ def latest_checkpoint(folder) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_info(path) -> tuple[int, dict]:
+    """``(step, extra)`` of a checkpoint, from its header only (no arrays read)."""
+    path = Path(path)
+    try:
+        meta = weights.read_safetensors_metadata(path)
+        if meta.get("retom_jax_checkpoint") != "1":
+            raise TrainError(f"{path} is not a retom-jax training checkpoint")
+        return int(meta.get("step", "0")), json.loads(meta.get("extra", "{}"))
+    except weights.CheckpointError as e:
+        raise TrainError(str(e)) from None
+    except (ValueError, TypeError) as e:
+        if isinstance(e, TrainError):
+            raise
+        raise TrainError(f"{path} has a malformed checkpoint header ({e})") from None
+
+
+# The options that define a training run: a resume that changes one is refused (one line
+# naming it) unless asked for (--allow-changes); steps may grow (the schedule is computed
+# for the new count), checkpointing and progress are not part of the run.
+RUN_SETTINGS = ("data", "resolution", "caption_column", "batch_size", "learning_rate",
+                "warmup_steps", "snr_gamma", "prediction_type", "max_grad_norm",
+                "weight_decay", "caption_dropout", "lora_alpha", "seed", "dtype", "merge")
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """``"name old -> new"`` for each run setting recorded in ``saved`` that differs."""
+    return [("data (its images or captions changed)" if k == "data" else
+             f"{k} {saved[k]!r} -> {current[k]!r}") for k in RUN_SETTINGS
+            if k in saved and k in current and saved[k] != current[k]]
+
+
 def load_checkpoint(path, template, tag: str):
     """``(state, extra)`` from a checkpoint written by :func:`save_checkpoint` for a state
     shaped like ``template``; TrainError (one line) if it was made for another model or
@@ -109,6 +143,8 @@ def load_checkpoint(path, template, tag: str):
             raise TrainError(f"checkpoint {path}: {name} has shape {list(a.shape)}, "
                              f"expected {list(np.shape(ref))}")
         values.append(jnp.asarray(np.array(a), dtype=getattr(ref, "dtype", None)))
+    weights.check_finite(dict(zip(names, values)), f"checkpoint {path}: its arrays (delete it "
+                         f"to resume from the one before, or use another --out)", TrainError)
     return jax.tree_util.tree_unflatten(treedef, values), json.loads(meta.get("extra", "{}"))
 
 
@@ -134,7 +170,8 @@ def plot_losses(path, curves: dict, title: str = "training loss", size=(640, 400
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     series = {k: np.asarray(v, np.float64) for k, v in curves.items() if len(v)}
-    allv = np.concatenate([v[v > 0] for v in series.values()]) if series else np.ones(1)
+    allv = np.concatenate([v[(v > 0) & np.isfinite(v)] for v in series.values()] + [[]])
+    allv = allv if allv.size else np.ones(1)
     lo, hi = np.log10(allv.min()), np.log10(allv.max())
     if hi - lo < 1e-6:
         lo, hi = lo - 0.5, hi + 0.5
@@ -166,7 +203,6 @@ def plot_losses(path, curves: dict, title: str = "training loss", size=(640, 400
             d.line([xy(i, x) for i, x in enumerate(v)], fill=light)
             d.line([xy(i, x) for i, x in enumerate(smooth(v))], fill=dark, width=2)
         d.text((w - right - 150, top + 6 + 14 * c), f"{name}: {smooth(v)[-1]:.4g}", fill=dark)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    from ..io import save_image
+
+    return save_image(img, path)

@@ -4,7 +4,6 @@ states (cached), and the batches drawn from it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -28,7 +27,9 @@ def _center_crop_resize(image, resolution: int, with_coords: bool = False):
     top-left corner (SDXL's size conditioning)."""
     from PIL import Image
 
-    image = image.convert("RGB")
+    from ..images import to_rgb
+
+    image = to_rgb(image)
     w, h = image.size
     # torchvision's Resize(resolution): the longer side truncated; CenterCrop's rounding
     nw, nh = ((resolution, int(resolution * h / w)) if w <= h
@@ -92,16 +93,16 @@ def load_image_folder(folder, resolution: int, caption_column: str = "text",
     """``(images uint8 [N, resolution, resolution, 3], captions)`` of a diffusers image
     folder, centre-cropped and resized (see :func:`read_metadata` for the errors); with
     ``with_sizes`` also ``[N, 4]`` int32 ``(height, width, crop top, crop left)``."""
-    from PIL import Image, UnidentifiedImageError
+    from ..images import read_image
 
     rows = read_metadata(folder, caption_column)
     images, sizes = [], []
     for path, _ in rows:
         try:
-            with Image.open(path) as im:
-                image, size = _center_crop_resize(im, resolution, with_coords=True)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise TrainError(f"{path} cannot be read as an image ({type(e).__name__})") from None
+            image, size = _center_crop_resize(read_image(path, "training image"), resolution,
+                                              with_coords=True)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
         images.append(image)
         sizes.append(size)
     captions = [c for _, c in rows]
@@ -169,16 +170,24 @@ def encode_dataset_xl(pipe, images: np.ndarray, captions: list[str], sizes: np.n
 def cached_encoding(cache_file, compute) -> dict:
     """The arrays in ``cache_file`` (an ``.npz`` read without pickle) or ``compute()``'s,
     then saved there."""
+    import zipfile
+
+    from ..io import atomic_write
+
     cache_file = Path(cache_file)
     if cache_file.is_file():
-        with np.load(cache_file, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(cache_file, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+            if {"means", "stds", "states", "empty", "index"} <= set(data):
+                return data
+            why = "arrays are missing"
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+            why = f"{type(e).__name__}: {str(e)[:80]}"
+        print(f"the encoding cache {cache_file} is damaged ({why}): encoding again")
     data = compute()
     if is_writer():
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(cache_file.stem + ".tmp.npz")
-        np.savez(tmp, **data)
-        os.replace(tmp, cache_file)
+        atomic_write(cache_file, lambda f: np.savez(f, **data))
     return data
 
 

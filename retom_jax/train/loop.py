@@ -3,7 +3,6 @@ with the demo recipe.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -14,7 +13,9 @@ import numpy as np
 from ..models import weights
 from ..progress import Progress
 from ..pipelines.save import host_copy, is_writer, save_unet
-from .checkpoints import fingerprint, latest_checkpoint, load_checkpoint, plot_losses, save_checkpoint, save_lora, tree_shapes
+from ..io import write_json
+from .checkpoints import (changed_settings, checkpoint_info, fingerprint, latest_checkpoint,
+                          load_checkpoint, plot_losses, save_checkpoint, save_lora, tree_shapes)
 from .data import batches, cached_encoding, data_fingerprint, encode_dataset, encode_dataset_xl, load_image_folder, read_metadata
 from .trainer import TrainConfig, TrainError, TrainState, Trainer
 
@@ -64,6 +65,43 @@ def run_steps(trainer: Trainer, state: TrainState, steps: int, batch_at, key, lo
     return state, {"compile_seconds": compile_seconds, "steps_per_second": rate}
 
 
+def check_out_folder(out: Path, data, overwrite: bool = False) -> None:
+    """TrainError unless ``out`` can be the output folder of a run on ``data``: not a file
+    (nor under one), not ``data`` or inside it (the outputs would become training images),
+    and, without ``overwrite``, not holding a finished result without checkpoints to
+    resume (another run's files)."""
+    out, data = Path(out), Path(data)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise TrainError(f"--out {str(out)!r}: {str(probe)!r} is a file; name a folder")
+    o, d = out.resolve(), data.resolve()
+    if o == d or d in o.parents:
+        raise TrainError(f"--out {str(out)!r} is inside --data {str(data)!r}: its files "
+                         f"would become training images; name a folder outside the data")
+    finished = [n for n in ("train_log.json", "pytorch_lora_weights.safetensors", "unet")
+                if (out / n).exists()]
+    if finished and latest_checkpoint(out / "checkpoints") is None and not overwrite:
+        raise TrainError(f"--out {str(out)!r} holds a finished run ({', '.join(finished)}) "
+                         f"and no checkpoint to resume: pass --overwrite to replace it, or "
+                         f"name another folder")
+
+
+def data_stats(data, caption_column: str) -> str:
+    """What identifies a data folder's content: names, sizes, times and captions."""
+    rows = read_metadata(data, caption_column)
+    return fingerprint([(p.name, p.stat().st_size, p.stat().st_mtime_ns, c) for p, c in rows])
+
+
+def _check_changes(saved: dict, settings: dict, last, allow: bool) -> None:
+    changed = changed_settings(saved, settings)
+    if changed and not allow:
+        raise TrainError(f"the run in {Path(last).parent.parent} was made with other settings "
+                         f"({'; '.join(changed)}): use the same ones to resume, another --out "
+                         f"to start again, or --allow-changes to go on with these")
+
+
 def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = None,
           lora_alpha: float | None = None, steps: int = 1000, batch_size: int = 1,
           learning_rate: float = 1e-4, warmup_steps: int = 0, snr_gamma: float | None = None,
@@ -71,7 +109,8 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
           master_fp32: bool = False, max_grad_norm: float | None = 1.0,
           weight_decay: float = 1e-2, caption_dropout: float = 0.0,
           checkpoint_every: int = 500, caption_column: str = "text", seed: int = 0,
-          save_dtype="float32", progress: bool = True, log=print, mesh=None) -> dict:
+          save_dtype="float32", progress: bool = True, log=print, mesh=None,
+          allow_changes: bool = False, overwrite: bool = False) -> dict:
     """Fine-tune the UNet of the SD 1.x/2.x or SDXL pipeline ``model`` on the image folder
     ``data`` and write the result to ``out``: ``pytorch_lora_weights.safetensors`` (LoRA) or a
     diffusers ``unet/`` folder (full), ``loss.png``, ``train_log.json``; checkpoints in
@@ -80,7 +119,13 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
     level (downsample factor) returning one. ``mesh`` (``make_mesh(data=, fsdp=)``): the
     batch is split over ``data`` and ``fsdp`` (``batch_size`` a multiple of their
     product), the model, the trained parameters and the optimizer state over ``fsdp`` by
-    the sharding rules. Every input is checked before anything is compiled."""
+    the sharding rules. Every input is checked before anything is compiled.
+
+    A rerun resumes the run whose checkpoints ``out`` holds: the settings that define it
+    (`RUN_SETTINGS`: the data, learning rate, merge ...) must be the same unless
+    ``allow_changes``, and ``steps`` must be above the checkpoint's step. ``out`` may not
+    be ``data`` or inside it, nor a file; a finished result there without checkpoints is
+    replaced only with ``overwrite``."""
     from ..pipelines.stable_diffusion import StableDiffusionXLPipeline
     from ..pipelines.loading import load_pipeline, pipeline_folder
     from ..models.weights import parse_dtype
@@ -109,6 +154,24 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
                              f"fsdp = {batch_shards(mesh)} devices: use a multiple of "
                              f"{batch_shards(mesh)}")
     read_metadata(data, caption_column)  # the data's errors come before the model is read
+    check_out_folder(Path(out), data, overwrite)
+    last = latest_checkpoint(Path(out) / "checkpoints")
+    settings = {"data": data_stats(data, caption_column), "resolution": resolution,
+                "caption_column": caption_column, "batch_size": batch_size,
+                "learning_rate": learning_rate, "warmup_steps": warmup_steps,
+                "snr_gamma": snr_gamma, "prediction_type": prediction_type,
+                "max_grad_norm": max_grad_norm, "weight_decay": weight_decay,
+                "caption_dropout": caption_dropout, "lora_alpha": lora_alpha, "seed": seed,
+                "dtype": parse_dtype(dtype).name}
+    saved = {}
+    if last is not None:
+        done, extra = checkpoint_info(last)
+        if steps <= done:
+            raise TrainError(f"the checkpoint {last} is at step {done}: --steps {steps} would "
+                             f"train nothing; use --steps above {done} to train on, or another "
+                             f"--out to start again")
+        saved = extra.get("settings") or {}
+        _check_changes(saved, settings, last, allow_changes)
     out = Path(out)
     t_start = time.perf_counter()
     pipe = load_pipeline(model, dtype, mesh=mesh)
@@ -124,6 +187,8 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
         merge = merge(min(unet.config.attention_downsamples(), default=1))
     if merge is not None:
         unet.check_merge(merge, (latent, latent), key=jax.random.key(0))
+    settings["merge"] = repr(merge)
+    _check_changes(saved, settings, last, allow_changes)
     tag = fingerprint("unet", unet.config, tree_shapes(unet.params), lora_rank, master_fp32)
     trainer = Trainer(unet, pipe.scheduler.alphas_cumprod(), config, merge=merge,
                       scaling_factor=vae.config.scaling_factor,
@@ -133,7 +198,6 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
     state = trainer.init(jax.random.key(seed))
     losses: list[float] = []
     ckpts = out / "checkpoints"
-    last = latest_checkpoint(ckpts)
     if last is not None:
         state, extra = load_checkpoint(last, state, tag)
         state = trainer.place(state)
@@ -160,7 +224,8 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
         trainer, state, steps, lambda s: batches(encoded, batch_size, seed, s),
         jax.random.key(seed), losses, progress="train" if progress else None,
         every=checkpoint_every,
-        save=lambda st: save_checkpoint(ckpts, st, tag, {"losses": losses}))
+        save=lambda st: save_checkpoint(ckpts, st, tag, {"losses": losses,
+                                                          "settings": settings}))
     compile_seconds, rate = timing["compile_seconds"], timing["steps_per_second"]
 
     if lora_rank:
@@ -168,7 +233,11 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
                            save_dtype)
     else:
         raw = weights.read_config(pipeline_folder(model) / "unet")
-        result = save_unet(out / "unet", raw, trainer.unet_params(state.params), save_dtype)
+        unet_params = trainer.unet_params(state.params)
+        weights.check_finite(dict(jax.tree_util.tree_leaves_with_path(unet_params)),
+                             f"the trained UNet (not written to {out / 'unet'}; a lower "
+                             f"learning rate may help)", TrainError)
+        result = save_unet(out / "unet", raw, unet_params, save_dtype)
     summary = {"model": str(model), "data": str(data), "resolution": resolution,
                "steps": steps, "batch_size": batch_size, "lora_rank": lora_rank,
                "lora_alpha": lora_alpha, "merge": repr(merge), "dtype": str(dtype.name),
@@ -181,6 +250,6 @@ def train(model, data, out, *, resolution: int = 512, lora_rank: int | None = No
                "losses": losses}
     if is_writer():  # process 0 of a multi-host run (the files go to a shared folder)
         plot_losses(out / "loss.png", {"loss": losses}, title=f"retom-jax train: {kind}")
-        (out / "train_log.json").write_text(json.dumps(summary) + "\n")
+        write_json(out / "train_log.json", summary, indent=None)
         log(f"saved {result}; loss curve {out / 'loss.png'}")
     return summary

@@ -37,7 +37,13 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 class TrainError(ValueError):
-    """Bad training input (data folder, options, checkpoint): the message says what."""
+    """Bad training input (data folder, options, checkpoint): the message says what, on
+    one line of at most 600 characters."""
+
+    def __init__(self, message="", *args):
+        from ..models.weights import one_line
+
+        super().__init__(one_line(message), *args)
 
 
 # --------------------------------------------------------------------------- config
@@ -81,6 +87,15 @@ class TrainConfig:
                  f"{name} must be a positive integer, got {v!r}")
         need(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps,
              f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        need(self.warmup_steps <= self.steps,
+             f"warmup_steps {self.warmup_steps} is more than the {self.steps} steps: the "
+             f"learning rate would never reach its peak")
+        for name in ("learning_rate", "end_lr", "weight_decay", "max_grad_norm", "snr_gamma",
+                     "lora_alpha", "caption_dropout"):
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                               and math.isfinite(v)),
+                 f"{name} must be a finite number, got {v!r}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate!r}")
         need(0 <= self.end_lr <= 1, f"end_lr is a fraction of the learning rate in [0, 1], "
                                     f"got {self.end_lr!r}")
