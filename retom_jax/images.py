@@ -66,7 +66,7 @@ def read_image(path, what: str = "image"):
         raise ImageFileError(f"{path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - any failure of a decoder on a bad file
         why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise ImageFileError(f"{path} cannot be read as an {what} ({why})") from None
+        raise ImageFileError(f"{path} cannot be read as an image ({why})") from None
 
 
 def check_image_file(path, what: str = "image") -> tuple[int, int]:
@@ -85,4 +85,4 @@ def check_image_file(path, what: str = "image") -> tuple[int, int]:
         return size
     except Exception as e:  # noqa: BLE001 - any failure of a decoder on a bad file
         why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise ImageFileError(f"{path} cannot be read as an {what} ({why})") from None
+        raise ImageFileError(f"{path} cannot be read as an image ({why})") from None

@@ -91,7 +91,7 @@ def test_cli_merge_map(tmp_path, capsys):
     edited = tmp_path / "edited.png"
     assert main(["generate", "--model", "demo", "--prompt", "a dog", "--steps", "2",
                  "--merge", "retom", "--init-image", str(out), "--strength", "0.5",
-                 "--out", str(edited), "--merge-map", str(mm)]) == 0
+                 "--out", str(edited), "--merge-map", str(mm), "--overwrite"]) == 0
     assert "saved merge map" in capsys.readouterr().out
     image2, picture = np.asarray(Image.open(edited)), np.asarray(Image.open(mm))
     assert not np.array_equal(image2, image)

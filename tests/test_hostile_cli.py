@@ -174,7 +174,7 @@ def test_eval_reference_needs_a_metric_and_readable_images(tmp_path, capsys):
     _fails(base, capsys, "--reference is compared through CMMD (--clip) or FID")
     (ref / "b.png").write_text("not a png")
     _fails(base + ["--inception", str(tmp_path / "x.pth")], capsys,
-           "b.png cannot be read as an --reference image")
+           "b.png cannot be read as an image")
 
 
 def test_eval_resume_with_fewer_prompts_refused(tmp_path):

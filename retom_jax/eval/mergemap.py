@@ -262,15 +262,15 @@ def check_merge_map_args(args, parser) -> None:
         parser.error(f"--merge-map needs --merge tome or retom, got --merge {args.merge}")
     if Path(args.merge_map).suffix.lower() != ".png":
         parser.error(f"--merge-map {args.merge_map!r}: use a .png file name")
+    step = args.merge_map_step
+    if step is not None and not 0 <= step < args.steps:
+        parser.error(f"--merge-map-step {step} is outside the {args.steps} steps")
     from ..io import OutputError, check_output_file
 
     try:
         check_output_file(args.merge_map, getattr(args, "overwrite", True), "--merge-map")
     except OutputError as e:
         parser.error(str(e))
-    step = args.merge_map_step
-    if step is not None and not 0 <= step < args.steps:
-        parser.error(f"--merge-map-step {step} is outside the {args.steps} steps")
 
 
 def save_merge_map_from_args(args, parser, pipe, merge, **options) -> None:
