@@ -6,8 +6,8 @@ without torch; every model is an NNX module with a pure ``apply`` underneath. Su
 """
 # ----------------------------------------------------------------------------- pipelines
 from .pipelines import (FluxPipeline, PipelineOutput, StableDiffusion3Pipeline,
-                        StableDiffusionPipeline, StableDiffusionXLPipeline, load_pipeline,
-                        save_pipeline)
+                        StableDiffusionPipeline, StableDiffusionXLPipeline, StepCache,
+                        load_pipeline, save_pipeline)
 # ----------------------------------------------------------------------------- merging
 from .merge import METHODS, BlockMerge, MergeMethod, ReToM, ToDo, ToMe, from_options, loop_segments
 # ----------------------------------------------------------------------------- models
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     # pipelines
     "load_pipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "PipelineOutput",
-    "save_pipeline", "FluxPipeline", "StableDiffusion3Pipeline",
+    "save_pipeline", "FluxPipeline", "StableDiffusion3Pipeline", "StepCache",
     # merging
     "ToMe", "ReToM", "ToDo", "METHODS", "from_options", "MergeMethod", "BlockMerge",
     "loop_segments",

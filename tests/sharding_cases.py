@@ -35,6 +35,7 @@ SD_CASES = [  # (mesh, merge name): every mesh and every method, not every pair
     ("data=4,fsdp=2", "retom"),
     ("data=2,fsdp=2,spatial=2", "retom_cached"),
     ("spatial=8", "todo"),
+    ("data=2,fsdp=2,spatial=2", "tome+cache"),  # step caching: its feature is sharded too
 ]
 SDXL_CASES = [
     ("data=8", "none"),
@@ -45,6 +46,7 @@ SDXL_CASES = [
 
 def merge_of(name, xl):
     md = 2 if xl else 1  # SDXL's attention starts at downsample 2
+    name = name.removesuffix("+cache")
     return {
         "none": None,
         "tome": rj.ToMe(ratio=0.5, max_downsample=md),
@@ -52,6 +54,10 @@ def merge_of(name, xl):
         "retom_cached": rj.ReToM(ratio=0.5, cache_step=0, max_downsample=md),
         "todo": rj.ToDo(factor=2, max_downsample=md),
     }[name]
+
+
+def cache_of(name):
+    return rj.StepCache(interval=2) if name.endswith("+cache") else None
 
 
 def mesh_of(text):
@@ -71,9 +77,10 @@ def parity(root, family, cases, out, keep=None):
     for mesh_text, name in cases:
         xl = family == "sdxl"
         if name not in refs:
-            refs[name] = plain(PROMPTS, merge=merge_of(name, xl), **kw).images
+            refs[name] = plain(PROMPTS, merge=merge_of(name, xl), step_cache=cache_of(name),
+                               **kw).images
         pipe = rj.load_pipeline(root, mesh=mesh_of(mesh_text))
-        got = pipe(PROMPTS, merge=merge_of(name, xl), **kw)
+        got = pipe(PROMPTS, merge=merge_of(name, xl), step_cache=cache_of(name), **kw)
         row = {"family": family, "mesh": mesh_text, "merge": name,
                "rel": rel(got.images, refs[name]), "shape": list(got.images.shape)}
         if (family, mesh_text) == ("sd", "data=8"):

@@ -175,7 +175,8 @@ def test_sharded_images_equal_unsharded(report):
     seen = {(r["family"], r["mesh"], r["merge"]) for r in rows}
     assert {m for _, m, _ in seen} == {"data=8", "data=4,fsdp=2", "data=2,fsdp=2,spatial=2",
                                        "spatial=8"}
-    assert {n for _, _, n in seen} == {"none", "tome", "retom", "retom_cached", "todo"}
+    assert {n for _, _, n in seen} == {"none", "tome", "retom", "retom_cached", "todo",
+                                       "tome+cache"}
     assert {f for f, _, _ in seen} == {"sd", "sdxl"}
     for r in rows:
         assert r["shape"][0] == 3, r  # padding dropped

@@ -17,10 +17,11 @@ from ..models.weights import CheckpointError
 from ..pipelines import default_guidance_scale, load_pipeline
 from ..sharding import batch_shards
 from ..eval.run import (METHODS, check_generation, generate_images, markdown_table, measure,
-                        plot, reference_paths, run_list, write_json)
+                        plot, reference_paths, run_list, run_settings, write_json)
 from .options import (HelpFormatter, add_merge_options, add_mesh_options,
-                      add_model_options, check_merge_options, merge_from_args, mesh_from_args,
-                      image_side, non_negative_int, positive_int)
+                      add_model_options, add_step_cache_options, check_merge_options,
+                      image_side, mesh_from_args, non_negative_int, positive_int,
+                      step_cache_from_args)
 
 
 def _methods(text):
@@ -72,6 +73,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_merge_options(e, method=False, schedule=False)
     e.add_argument("--cache-step", type=non_negative_int, default=None,
                    help="retom: reuse the representatives chosen at this step")
+    add_step_cache_options(e)
     e.add_argument("--clip", default=None,
                    help="CLIP model for CLIP score and CMMD: a local transformers CLIPModel "
                         "folder or a cached repo id (e.g. openai/clip-vit-large-patch14)")
@@ -96,9 +98,9 @@ def run_eval(args, parser) -> int:
         prompts = read_prompts(args.prompts)
         if args.num_prompts:
             prompts = prompts[:args.num_prompts]
-        runs = run_list(args.methods, args.ratios)
+        runs = run_list(args.methods, args.ratios, step_cache_from_args(args), args.fast)
         for method, ratio in runs:  # bad merge options fail here, before any model
-            merge_from_args(args, 1, method, ratio)
+            run_settings(args, method, ratio, 1)
         n_images = len(prompts) * args.seeds
         if (args.inception or args.clip) and n_images < 2 and not args.reference:
             raise ValueError(f"FID and CMMD need at least 2 images per run; {len(prompts)} "
@@ -153,7 +155,8 @@ def run_eval(args, parser) -> int:
     settings = {k: getattr(args, k) for k in (
         "model", "prompts", "num_prompts", "steps", "seeds", "guidance", "height", "width",
         "scheduler", "dtype", "window", "matching", "cache_step", "max_downsample",
-        "todo_factor", "clip", "inception", "reference")}
+        "todo_factor", "clip", "inception", "reference", "step_cache", "step_cache_depth",
+        "fast")}
     settings.update(num_prompts=len(prompts), methods=list(args.methods),
                     mesh=None if mesh is None else dict(mesh.shape),
                     ratios=list(args.ratios),

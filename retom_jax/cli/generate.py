@@ -22,6 +22,7 @@ from ..models.weights import CheckpointError
 from ..pipelines import FluxPipeline, load_pipeline
 from ..sharding import initialize_distributed
 from .options import (HelpFormatter, add_feature_arguments, add_merge_options,
+                      add_step_cache_options, apply_fast, step_cache_from_args,
                       add_mesh_options, add_model_options, check_merge_options,
                       feature_options, image_side, merge_from_args, mesh_from_args,
                       positive_int, seed_arg)
@@ -64,6 +65,7 @@ def add_parser(sub):
     g.add_argument("--progress", action="store_true",
                    help="show a progress bar over the steps (runs one step at a time)")
     add_merge_options(g)
+    add_step_cache_options(g)
     add_merge_map_arguments(g)
     add_feature_arguments(g)
     add_mesh_options(g, "run on a device mesh, e.g. data=4,fsdp=2 or spatial=2 (axes data, "
@@ -147,6 +149,8 @@ def _edge_note(pipe, merge, height, width) -> str | None:
 def generate(args, parser) -> int:
     try:
         paths = _output_paths(args.out, args.num_images, args.overwrite)
+        apply_fast(args)
+        step_cache = step_cache_from_args(args)
         check_merge_options(args)
         merge_from_args(args, 1)  # bad merge options fail here, before any model is built
     except ValueError as e:
@@ -176,7 +180,7 @@ def generate(args, parser) -> int:
     options = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, height=args.height, width=args.width,
                    num_images_per_prompt=args.num_images, merge=None, output_type="pil",
-                   **feature_options(args))
+                   step_cache=step_cache, **feature_options(args))
     try:
         merge = options["merge"] = merge_from_args(
             args, min(pipe.unet.config.attention_downsamples(), default=1))
@@ -201,6 +205,8 @@ def generate(args, parser) -> int:
         save_merge_map_from_args(args, parser, pipe, merge, **feature_options(args))
     n = len(out.images)
     merge_text = "no merging" if merge is None else repr(merge)
+    if step_cache is not None:
+        merge_text += f", {step_cache.describe()}"
     print(f"time per image: {out.run_seconds / n:.3f} s ({n} image(s), {args.steps} steps, "
           f"{merge_text}; compile time excluded)")
     return 0

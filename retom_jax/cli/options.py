@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..merge import METHOD_OPTIONS, from_options
+from ..pipelines.step_cache import FAST, parse_step_cache
 from ..sharding import make_mesh, parse_mesh
 
 
@@ -235,6 +236,42 @@ def add_merge_options(p, *, method: bool = True, schedule: bool = True) -> None:
                             "must come before the last (default: none)")
     g.add_argument("--todo-factor", type=positive_int, default=None,
                    help="todo: keys/values pooled by this factor (default 2)")
+
+
+def add_step_cache_options(p, *, fast: bool = True) -> None:
+    """--step-cache N, --step-cache-depth D and (``fast``) the --fast preset."""
+    g = p.add_argument_group("step caching (DeepCache)")
+    g.add_argument("--step-cache", type=positive_int, default=None, metavar="N",
+                   help="a full UNet call every N steps, in between only the outer "
+                        "--step-cache-depth levels on the cached deeper feature (default: "
+                        "no caching; 1 is the same)")
+    g.add_argument("--step-cache-depth", type=positive_int, default=None, metavar="D",
+                   help="outer UNet levels a cached step runs (default 1)")
+    if fast:
+        g.add_argument("--fast", action="store_true",
+                       help=f"the speed preset: {FAST.describe()}; --merge, --ratio and "
+                            f"--step-cache given beside it win (docs/step_caching.md)")
+
+
+def apply_fast(args) -> None:
+    """Fill in the --fast preset where the options leave it open (sampling commands)."""
+    if not getattr(args, "fast", False):
+        return
+    if args.merge == "none":
+        args.merge = FAST.method
+        if args.ratio is None:
+            args.ratio = FAST.ratio
+    if args.step_cache is None:
+        args.step_cache = FAST.interval
+        if args.step_cache_depth is None:
+            args.step_cache_depth = FAST.depth
+
+
+def step_cache_from_args(args):
+    """The StepCache the options ask for, or None."""
+    if args.step_cache_depth is not None and args.step_cache is None:
+        raise ValueError("--step-cache-depth needs --step-cache N")
+    return parse_step_cache(args.step_cache, args.step_cache_depth or 1)
 
 
 def add_mesh_options(p, help_text: str, *, distributed: bool = False) -> None:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..cli.options import merge_from_args
+from ..cli.options import merge_from_args, step_cache_from_args
+from ..pipelines.step_cache import FAST
 from ..progress import Progress
 
 METHODS = ("none", "tome", "retom", "todo")
@@ -34,14 +35,29 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # ----------------------------------------------------------------------------- runs
 
-def run_list(methods, ratios) -> list[tuple[str, float | None]]:
+def run_list(methods, ratios, step_cache=None, fast=False) -> list[tuple[str, float | None]]:
+    """``[(method, ratio)]``; with ``step_cache``, each run again as ``method+cache`` (the
+    unmerged one too) with that step cache; ``fast`` adds the --fast preset's run."""
     runs = [("none", None)]
     for m in methods:
         if m in ("tome", "retom"):
             runs += [(m, r) for r in ratios]
         elif m == "todo":
             runs.append(("todo", None))
+    if step_cache is not None:
+        runs += [(m + "+cache", r) for m, r in runs]
+    if fast:
+        runs.append(("fast", None))
     return runs
+
+
+def run_settings(args, method: str, ratio, first_level: int):
+    """``(merge, step_cache)`` of a run of :func:`run_list`."""
+    if method == "fast":
+        return FAST.merge(first_level), FAST.step_cache
+    base = method.removesuffix("+cache")
+    cache = step_cache_from_args(args) if method.endswith("+cache") else None
+    return merge_from_args(args, first_level, base, ratio), cache
 
 
 def run_tag(method: str, ratio) -> str:
@@ -64,7 +80,8 @@ def write_json(path: Path, value):
 
 
 _GENERATION_KEYS = ("model", "steps", "guidance", "height", "width", "scheduler", "dtype",
-                    "window", "matching", "cache_step", "max_downsample", "todo_factor")
+                    "window", "matching", "cache_step", "max_downsample", "todo_factor",
+                    "step_cache", "step_cache_depth")
 
 
 def check_generation(args, prompts, out: Path) -> dict:
@@ -132,13 +149,14 @@ def generate_images(pipe, args, prompts, runs, out: Path, log=print) -> dict:
     log(f"{total - len(todo)} of {total} images already in {out / 'images'}; "
         f"{len(todo)} to make")
     bar = Progress(len(todo), every=0, unit="") if todo else None
-    merges = {}
+    settings = {}
     for method, ratio, tag, p, seed, path in todo:
-        if tag not in merges:
-            merges[tag] = merge_from_args(args, first_level, method, ratio)
+        if tag not in settings:
+            settings[tag] = run_settings(args, method, ratio, first_level)
+        merge, step_cache = settings[tag]
         result = pipe(prompts[p], num_inference_steps=args.steps,
                       guidance_scale=args.guidance, height=args.height, width=args.width,
-                      seed=seed, merge=merges[tag], output_type="pil")
+                      seed=seed, merge=merge, step_cache=step_cache, output_type="pil")
         save_image(result.images[0], path)
         timings.setdefault(tag, {})[path.name] = result.run_seconds
         write_json(timings_path, timings)

@@ -258,8 +258,22 @@ class MergeContext:
         return merge
 
     def new_state(self):
-        step = self.state["step"] if self.state is not None else jnp.zeros((), jnp.int32)
-        return {"step": step + 1, "blocks": self.new_blocks}
+        """The state for the next call. Blocks this call did not run (a step-cached call
+        runs only the outer levels) keep the cache they had."""
+        if self.state is None:
+            return {"step": jnp.zeros((), jnp.int32) + 1, "blocks": self.new_blocks}
+        blocks = {**self.state["blocks"], **self.new_blocks} if self.state["blocks"] else (
+            self.new_blocks)
+        return {"step": self.state["step"] + 1, "blocks": blocks}
+
+
+class CachedOutput(NamedTuple):
+    """What ``UNet.apply_cached`` returns: ``sample`` (NCHW), ``merge_state`` (as in
+    ``UNetOutput``) and ``feature``, the NHWC activations that enter the outermost
+    ``depth`` up blocks: computed by a full call, passed through by a shallow one."""
+    sample: jax.Array
+    merge_state: Any
+    feature: jax.Array
 
 
 class UNetOutput(NamedTuple):
@@ -345,14 +359,16 @@ class DownBlock(nnx.Module):
         self.downsamplers = (nnx.List([Downsample2D(cout, cout, cfg.downsample_padding, **kw)])
                              if i < len(cfg.block_out_channels) - 1 else None)
 
-    def __call__(self, x, temb, context, ctx, attention):
+    def __call__(self, x, temb, context, ctx, attention, downsample=True):
+        """``downsample=False`` leaves out the downsampler (a shallow step-cached call:
+        only the deeper levels, which it does not run, read its output)."""
         skips = []
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
                 x = self.attentions[j](x, context, ctx, attention)
             skips.append(x)
-        if self.downsamplers is not None:
+        if self.downsamplers is not None and downsample:
             x = self.downsamplers[0](x)
             skips.append(x)
         return x, skips
@@ -438,9 +454,16 @@ class UNet2DConditionModel(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, sample, timesteps, context, text_embeds=None, time_ids=None,
-                 ctx: MergeContext | None = None, attention=None, constrain=None):
+                 ctx: MergeContext | None = None, attention=None, constrain=None,
+                 depth: int | None = None, feature=None):
         """``constrain``: applied to the NHWC activations between blocks (a mesh's
-        ``with_sharding_constraint``, see ``sharding.activation_constraint``)."""
+        ``with_sharding_constraint``, see ``sharding.activation_constraint``).
+
+        Step caching (``depth``, static): a full call (``feature=None``) returns
+        ``(out, feature)``, ``feature`` being what enters ``up_blocks[-depth]``; a shallow
+        call (``feature`` given) runs ``conv_in``, the first ``depth`` down blocks (the
+        last without its downsampler), then ``feature`` through the last ``depth`` up
+        blocks with those blocks' skips, and returns ``(out, feature)``."""
         cfg = self.config
         constrain = constrain or (lambda x: x)
         b = sample.shape[0]
@@ -453,23 +476,45 @@ class UNet2DConditionModel(nnx.Module):
             add = jnp.concatenate([text_embeds.astype(jnp.float32), tids], axis=-1)
             emb = emb + self.add_embedding(add.astype(self.dtype))
 
+        levels = len(self.down_blocks)
+        shallow = feature is not None
+        if depth is not None and not 1 <= depth <= levels:
+            raise ValueError(f"step cache depth must be 1..{levels} for this UNet, got {depth}")
         x = constrain(self.conv_in(constrain(sample)))
         skips = [x]
-        for block in self.down_blocks:
-            x, s = block(x, emb, context, ctx, attention)
+        for i, block in enumerate(self.down_blocks[:depth] if shallow else self.down_blocks):
+            x, s = block(x, emb, context, ctx, attention,
+                         downsample=not (shallow and i == depth - 1))
             x = constrain(x)
             skips.extend(s)
-        if self.mid_block is not None:
+        first_up = levels - depth if depth is not None else 0
+        if shallow:
+            if ctx is not None:  # the outer up blocks draw the keys they draw in a full call
+                ctx.count = _transformer_blocks(self, first_up)
+            x = feature
+        elif self.mid_block is not None:
             x = constrain(self.mid_block(x, emb, context, ctx, attention))
         up_factor = 2 ** cfg.num_upsamplers
         odd = any(d % up_factor for d in sample.shape[1:3])
-        for block in self.up_blocks:
+        for k, block in enumerate(self.up_blocks):
+            if k < first_up and shallow:
+                continue
+            if k == first_up and depth is not None:
+                feature = x
             n = len(block.resnets)
             mine, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[1:3]) if (odd and skips) else None
             x = constrain(block(x, mine, emb, context, ctx, attention, size))
         x = jax.nn.silu(self.conv_norm_out(x))
-        return self.conv_out(x)
+        out = self.conv_out(x)
+        return out if depth is None else (out, feature)
+
+
+def _transformer_blocks(model: UNet2DConditionModel, first_up: int) -> int:
+    """How many transformer blocks a full call runs before ``up_blocks[first_up]``."""
+    parts = list(model.down_blocks) + [model.mid_block] + list(model.up_blocks[:first_up])
+    return sum(isinstance(m, BasicTransformerBlock)
+               for part in parts if part is not None for _, m in nnx.iter_modules(part))
 
 
 # --------------------------------------------------------------------------- public wrapper
@@ -566,8 +611,39 @@ class UNet:
                              added_cond_kwargs, merge=merge, merge_state=merge_state, key=key,
                              attention=attention, reuse=reuse)
 
+    def apply_cached(self, params, sample, timesteps, encoder_hidden_states,
+                     added_cond_kwargs=None, *, depth: int, feature=None, merge=None,
+                     merge_state=None, key=None, attention=None,
+                     reuse=None) -> CachedOutput:
+        """``apply`` for step caching (DeepCache): ``CachedOutput(sample, merge_state,
+        feature)``. ``depth`` (static, 1..levels): how many outer down/up blocks a shallow
+        call runs. ``feature=None``: a full call, which also returns the feature that
+        enters the outermost ``depth`` up blocks (NHWC ``[batch, h, w, C]`` at that
+        level); with ``feature`` (from an earlier full call at the same batch and size): a
+        shallow call, the down/mid/up blocks deeper than ``depth`` replaced by it.
+        ``feature_shape`` gives its shape. A method's cache (``merge_state``) keeps the
+        entries of the blocks a shallow call does not run."""
+        if merge is not None:
+            merge.check_state(merge_state)
+        return self._forward(params, sample, timesteps, encoder_hidden_states,
+                             added_cond_kwargs, merge=merge, merge_state=merge_state, key=key,
+                             attention=attention, reuse=reuse, depth=depth, feature=feature)
+
+    def feature_shape(self, sample_shape, depth: int) -> tuple:
+        """The NHWC shape of ``apply_cached``'s feature for an NCHW ``sample_shape``."""
+        levels = len(self.config.block_out_channels)
+        if not 1 <= depth <= levels:
+            raise ValueError(f"step cache depth must be 1..{levels} for this UNet, got {depth}")
+        b, _, h, w = sample_shape
+        for _ in range(depth - 1):  # the down path's sizes (3x3 stride-2 convolutions)
+            h, w = (h + 1) // 2, (w + 1) // 2
+        # what up_blocks[levels - depth - 1] puts out (the mid block's when depth == levels)
+        channels = tuple(reversed(self.config.block_out_channels))[max(levels - depth - 1, 0)]
+        return (b, h, w, channels)
+
     def _forward(self, params, sample, timesteps, encoder_hidden_states, added_cond_kwargs,
-                 *, merge=None, merge_state=None, key=None, attention=None, reuse=None):
+                 *, merge=None, merge_state=None, key=None, attention=None, reuse=None,
+                 depth=None, feature=None):
         """``apply`` without the state check: without ``merge_state`` a method that carries
         a cache plans afresh and returns the state a first step leaves."""
         model = nnx.merge(self.graphdef, params)
@@ -582,10 +658,16 @@ class UNet:
         with attention_target(self.mesh):  # kernels for the mesh's platform, per shard
             out = model(x, timesteps, encoder_hidden_states.astype(self.dtype),
                         added.get("text_embeds"), added.get("time_ids"), ctx,
-                        attention or self.attention, sharding.activation_constraint(self.mesh))
+                        attention or self.attention, sharding.activation_constraint(self.mesh),
+                        depth, None if feature is None else feature.astype(self.dtype))
+        if depth is not None:
+            out, feature = out
         out = jnp.transpose(out, (0, 3, 1, 2))
         carried = merge is not None and merge.carries_cache
-        return UNetOutput(out, ctx.new_state() if carried else None)
+        state = ctx.new_state() if carried else None
+        if depth is not None:
+            return CachedOutput(out, state, feature)
+        return UNetOutput(out, state)
 
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None, *,
                  merge=None, merge_state=None, key=None, attention=None, reuse=None):

@@ -15,10 +15,11 @@ from .loading import (PIPELINE_CLASSES, default_guidance_scale, load_pipeline,
                       pipeline_folder, read_model_index)
 from .request import OUTPUT_TYPES, SEED_LIMIT, PipelineOutput, SampleConfig, seed_key
 from .save import save_pipeline, save_unet
+from .step_cache import StepCache
 from .stable_diffusion import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 __all__ = ["Pipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "FluxPipeline",
            "load_flux_pipeline", "StableDiffusion3Pipeline", "load_sd3_pipeline",
            "PipelineOutput", "SampleConfig", "OUTPUT_TYPES", "SEED_LIMIT", "seed_key",
            "PIPELINE_CLASSES", "load_pipeline", "pipeline_folder", "read_model_index",
-           "default_guidance_scale", "save_pipeline", "save_unet"]
+           "default_guidance_scale", "save_pipeline", "save_unet", "StepCache"]

@@ -52,6 +52,7 @@ from .memory import check_fits
 from ..merge.interface import MergeMethod, loop_segments
 from ..merge.checks import is_int
 from ..models.weights import CheckpointError
+from .step_cache import StepCache
 from .request import Carry, EncodeConfig, OUTPUT_TYPES, PipelineOutput, SampleConfig, SampleRequest, StepBar, StepConfig, as_key, check_merge_steps, merge_at, prompt_list, signature, to_pil, make_scheduler
 from .request import MAX_SIDE, check_result, latents_ok
 
@@ -383,6 +384,16 @@ class Pipeline:
                     raise
                 raise ValueError(f"{e} (the schedule's windows from step {step})") from None
 
+    def check_step_cache(self, step_cache):
+        """The step cache a call runs: None for None or interval 1 (the uncached loop)."""
+        if step_cache is None:
+            return None
+        if not isinstance(step_cache, StepCache):
+            raise ValueError(f"step_cache must be StepCache(interval, depth) or None, got "
+                             f"{step_cache!r}")
+        step_cache.check(len(self.unet.config.block_out_channels))
+        return step_cache if step_cache.active else None
+
     # -- the traced functions
 
     def _added(self, cond):
@@ -429,8 +440,20 @@ class Pipeline:
         ``i`` counts the steps of this call (img2img starts at schedule index
         ``static.start``). ``g``: the guidance scale and rescale and DDIM's eta.
         ``static.merge``: the config of this step's loop piece, ``static.reuse`` its static
-        choice to reuse ReToM's cache (see ``UNet.apply``)."""
-        x, state, merge_state = carry
+        choice to reuse ReToM's cache (see ``UNet.apply``). With step caching,
+        ``static.phase`` fixes the kind of UNet call, or (None) the schedule picks it
+        for step ``i``: both kinds are in the program, one runs (``lax.cond``)."""
+        if static.cache is None or static.phase is not None:
+            return self._step(static, params, cond, i, carry, key, g)
+        full, shallow = (dataclasses.replace(static, phase=p) for p in ("full", "shallow"))
+        return jax.lax.cond(
+            static.cache.traced_is_full(i),
+            lambda c: self._step(full, params, cond, i, c, key, g),
+            lambda c: self._step(shallow, params, cond, i, c, key, g), carry)
+
+    def _step(self, static: StepConfig, params, cond, i, carry: Carry, key, g) -> Carry:
+        """``_body`` with the kind of UNet call fixed (``static.phase``)."""
+        x, state, merge_state, feature = carry
         sched, merge = static.scheduler, static.merge
         i = i + (static.start or 0)  # the index into the scheduler's timesteps
         k_sched, k_merge = features.step_keys(key, i)
@@ -439,9 +462,15 @@ class Pipeline:
         t = state.timesteps[i]
         kw = dict(merge=merge, key=k_merge if merge is not None else None)
         ehs = cond["encoder_hidden_states"]
-        pred, merge_state = self.unet.apply(params["unet"], x_in, t, ehs, self._added(cond),
-                                            merge_state=merge_state, reuse=static.reuse,
-                                            **kw)
+        if static.cache is None:
+            pred, merge_state = self.unet.apply(params["unet"], x_in, t, ehs,
+                                                self._added(cond), merge_state=merge_state,
+                                                reuse=static.reuse, **kw)
+        else:
+            pred, merge_state, feature = self.unet.apply_cached(
+                params["unet"], x_in, t, ehs, self._added(cond), depth=static.cache.depth,
+                feature=feature if static.phase == "shallow" else None,
+                merge_state=merge_state, reuse=static.reuse, **kw)
         pred = pred.astype(_F32)
         if static.guidance:
             uncond, text = jnp.split(pred, 2, axis=0)
@@ -449,7 +478,7 @@ class Pipeline:
             pred = features.rescale_noise_cfg(pred, text, g["guidance_rescale"])
         step_kw = {"eta": g["eta"]} if self._scheduler_has_eta() else {}
         x, state = sched.step(state, pred, i, x, key=k_sched, **step_kw)
-        return Carry(x.astype(_F32), state, merge_state)
+        return Carry(x.astype(_F32), state, merge_state, feature)
 
     def _decode(self, params, x):
         z = self.vae.config.from_model_latents(x, self._uses_latent_stats)
@@ -491,7 +520,13 @@ class Pipeline:
         x = latents.astype(_F32)
         if static.start is None:
             x = x * static.scheduler.init_noise_sigma(state)
-        return Carry(x, state, self._init_merge_state(static.merge, cond, x.shape[2:]))
+        feature = None
+        if static.cache is not None:  # filled by the first (full) call
+            rows = cond["encoder_hidden_states"].shape[0]
+            feature = jnp.zeros(self.unet.feature_shape((rows,) + x.shape[1:],
+                                                        static.cache.depth), self.unet.dtype)
+        return Carry(x, state, self._init_merge_state(static.merge, cond, x.shape[2:]),
+                     feature)
 
     def _sample(self, static: SampleConfig, params, cond, latents, state, key, g):
         """The whole sampling loop and the decoder, as one traced function: each loop piece
@@ -534,7 +569,8 @@ class Pipeline:
                  width: int | None = None, num_images_per_prompt: int = 1,
                  seed: int | None = None, key=None, latents=None, output_type: str = "pil",
                  merge=None, progress: bool = False,
-                 callback: Callable | None = None, **options) -> PipelineOutput:
+                 callback: Callable | None = None, step_cache=None,
+                 **options) -> PipelineOutput:
         """Generate images.
 
         ``prompt``: a string or a list of strings (one image batch row each, times
@@ -545,7 +581,9 @@ class Pipeline:
         ToMe's random destinations); ``latents`` (NCHW ``[images, C, H/f, W/f]``) replaces
         the drawn noise and is scaled by the scheduler's ``init_noise_sigma`` as diffusers
         does; when given without ``height`` and ``width`` it sets the size.
-        ``merge``: ``ToMe(...)``, ``ReToM(...)``, ``ToDo(...)`` or None. ``progress``
+        ``merge``: ``ToMe(...)``, ``ReToM(...)``, ``ToDo(...)`` or None.
+        ``step_cache``: ``StepCache(interval, depth)`` (DeepCache: a full UNet call every
+        ``interval`` steps, only the outer ``depth`` levels in between) or None. ``progress``
         steps from Python with a progress bar; ``callback(i, latents, merge_state)`` is
         called after each step in that mode (and switches it on).
 
@@ -563,7 +601,8 @@ class Pipeline:
         self._compile_clock = 0.0
         static, args = self._prepare(SampleRequest(
             prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
-            num_images_per_prompt, seed, key, latents, output_type, merge, callback, options))
+            num_images_per_prompt, seed, key, latents, output_type, merge, callback, options,
+            step_cache))
         if progress or callback is not None:
             out = self._interactive(static, *args, progress, callback)
         else:
@@ -579,7 +618,7 @@ class Pipeline:
                 guidance_scale: float | None = None, height: int | None = None,
                 width: int | None = None, num_images_per_prompt: int = 1,
                 output_type: str = "pil", merge=None, progress: bool = False,
-                **options) -> float:
+                step_cache=None, **options) -> float:
         """Compile the sampling program for these options without sampling; returns the
         seconds spent compiling (0.0 when it was compiled already). A later call with the
         same options (the same number of prompts, images per prompt, steps, size, whether
@@ -590,7 +629,8 @@ class Pipeline:
         self._compile_clock = 0.0
         static, args = self._prepare(SampleRequest(
             prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
-            num_images_per_prompt, output_type=output_type, merge=merge, options=options))
+            num_images_per_prompt, output_type=output_type, merge=merge, options=options,
+            step_cache=step_cache))
         if progress:
             params, cond, latents, state, key, g = args
             carry = self._run("start", self._first_step(static), cond, latents, state)
@@ -658,8 +698,10 @@ class Pipeline:
         skipped = extra.get("start", 0)  # img2img starts into the schedule
         check_merge_steps(merge, int(state.timesteps.shape[0]) - skipped,
                            int(num_inference_steps) - skipped)
+        step_cache = self.check_step_cache(r.step_cache)
         static = SampleConfig(self.scheduler, int(num_inference_steps), batch, latent_hw,
-                              guidance, merge, output_type != "latent", **extra)
+                              guidance, merge, output_type != "latent", step_cache=step_cache,
+                              **extra)
 
         cond = self._conditioning(prompts, negatives, negative_prompt, guidance, n, height,
                                   width, options)
@@ -688,11 +730,13 @@ class Pipeline:
         programs = {}
 
         def compile_piece(step: StepConfig, lo, hi, carry):
-            before = self.compile_count
-            programs[lo] = self._executable("step", (step, treedef), leaves, cond,
-                                            jnp.zeros((), jnp.int32), carry, key, g)
-            if self.compile_count > before:  # refused before it runs out of memory
-                self._check_fits(static, programs[lo])
+            for phase in step.phases(lo, hi):  # one program per kind of step cache call
+                before = self.compile_count
+                program = programs[lo, phase] = self._executable(
+                    "step", (dataclasses.replace(step, phase=phase), treedef), leaves, cond,
+                    jnp.zeros((), jnp.int32), carry, key, g)
+                if self.compile_count > before:  # refused before it runs out of memory
+                    self._check_fits(static, program)
             return carry  # a step keeps the carry's shapes
 
         carry = self._segments(static, cond, carry, compile_piece)
@@ -710,7 +754,8 @@ class Pipeline:
 
         def run(step: StepConfig, lo, hi, carry):
             for i in range(lo, hi):
-                carry = programs[lo](leaves, cond, jnp.asarray(i, jnp.int32), carry, key, g)
+                carry = programs[lo, step.phase_of(i)](leaves, cond, jnp.asarray(i, jnp.int32),
+                                                       carry, key, g)
                 if bar is not None and i >= extra:
                     jax.block_until_ready(carry.latents)
                     bar.update()

@@ -39,6 +39,7 @@ class SampleConfig:
     merge: Any = None
     decode: bool = True
     start: int | None = None  # img2img: the schedule index the loop starts at (None: txt2img)
+    step_cache: Any = None  # a StepCache (interval > 1), or None
     # on a mesh: rows added to fill the batch shards, dropped from the output (not part of
     # the program's identity: 3 or 4 images padded to 8 share one program)
     pad: int = dataclasses.field(default=0, compare=False)
@@ -64,11 +65,26 @@ class StepConfig:
     start: int | None
     merge: Any
     reuse: bool | None
+    # step caching: the StepCache, and which calls this program runs: "full" or
+    # "shallow" (the progress path: one program per kind), None (the fused loop: each
+    # step picks its kind from the schedule)
+    cache: Any = None
+    phase: str | None = None
 
     @classmethod
     def of(cls, static: SampleConfig, merge, reuse) -> "StepConfig":
         merge = None if merge is None else merge.for_program(reuse)
-        return cls(static.scheduler, static.guidance, static.start, merge, reuse)
+        return cls(static.scheduler, static.guidance, static.start, merge, reuse,
+                   static.step_cache)
+
+    def phases(self, lo: int, hi: int) -> list:
+        """The kinds of call among steps ``lo <= i < hi`` (``[None]`` without caching)."""
+        if self.cache is None:
+            return [None]
+        return sorted({"full" if self.cache.is_full(i) else "shallow" for i in range(lo, hi)})
+
+    def phase_of(self, i: int):
+        return None if self.cache is None else ("full" if self.cache.is_full(i) else "shallow")
 
 
 class Carry(NamedTuple):
@@ -76,6 +92,7 @@ class Carry(NamedTuple):
     latents: jax.Array  # float32 NCHW
     scheduler_state: Any
     merge_state: Any = None  # the UNet's merge state (ReToM(cache_step=k)), or None
+    feature: Any = None  # step caching: the deep feature of the last full UNet call
 
 
 @dataclasses.dataclass
@@ -95,6 +112,7 @@ class SampleRequest:
     merge: Any = None
     callback: Callable | None = None
     options: dict = dataclasses.field(default_factory=dict)
+    step_cache: Any = None
 
 
 @dataclasses.dataclass
