@@ -200,6 +200,10 @@ def test_native_options_jobs_and_merge_map(server):
             break
         time.sleep(0.05)
     assert s["state"] == "done" and s["images"] == r.json()["images"]
+    cached = post(server.url, "/retom/v1/generate",
+                  {**body, "steps": 4, "step_cache": {"interval": 2, "depth": 1}})
+    assert cached.status_code == 200, cached.text
+    assert "StepCache(interval=2, depth=1)" in cached.json()["info"]["step_cache"]
     init = r.json()["images"][0]
     i2i = post(server.url, "/sdapi/v1/img2img", {"prompt": PROMPTS[1], "seed": 3, "steps": 2,
                                                  "init_images": ["data:image/png;base64,"

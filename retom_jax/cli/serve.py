@@ -9,8 +9,8 @@ from ..demo import DEMO_NOTICE
 from ..models.weights import CheckpointError
 from ..pipelines import load_pipeline
 from .options import (HelpFormatter, add_merge_options, add_mesh_options, add_model_options,
-                      check_merge_options, lora_arg, merge_from_args, mesh_from_args,
-                      positive_int)
+                      add_step_cache_options, apply_fast, check_merge_options, lora_arg,
+                      merge_from_args, mesh_from_args, positive_int, step_cache_from_args)
 
 __all__ = ["add_parser", "serve"]
 
@@ -47,6 +47,7 @@ def add_parser(sub):
     s.add_argument("--steps", type=positive_int, default=20,
                    help="denoising steps of a request that names none")
     add_merge_options(s)  # the merge config of requests that name none (every A1111 request)
+    add_step_cache_options(s)  # likewise the step cache
     s.add_argument("--lora", type=lora_arg, action="append", default=[],
                    metavar="FILE[:SCALE]",
                    help="fuse a LoRA file at start (repeatable); a request's lora_scale "
@@ -88,8 +89,10 @@ def serve(args, parser) -> int:
     if args.max_wait < 0:
         parser.error(f"--max-wait must be >= 0, got {args.max_wait}")
     try:
+        apply_fast(args)
         check_merge_options(args)
         merge_from_args(args, 1)  # bad merge options fail before the model loads
+        step_cache = step_cache_from_args(args)
     except ValueError as e:
         parser.error(str(e))
     t0 = time.perf_counter()
@@ -111,7 +114,7 @@ def serve(args, parser) -> int:
                          max_wait=args.max_wait, buckets=args.buckets,
                          limits=Limits(max_side=args.max_side, max_steps=args.max_steps,
                                        max_images=args.max_batch or max(args.buckets)),
-                         default_steps=args.steps, merge=merge,
+                         default_steps=args.steps, merge=merge, step_cache=step_cache,
                          loras=[tuple(x) for x in args.lora], model_name=args.model,
                          warmup=args.warmup)
     except ValueError as e:
