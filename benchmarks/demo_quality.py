@@ -32,18 +32,23 @@ import numpy as np  # noqa: E402
 from retom_jax import shapes  # noqa: E402
 
 
-def run(pipe, seeds, steps, guidance, merge, batch):
-    """``(rows, images)``: each caption's verdict per seed and the images (0-255)."""
+def run(pipe, seeds, steps, guidance, merge, batch, step_cache=None):
+    """``(rows, images)``: each caption's verdict per seed and the images (0-255).
+    ``merge`` "fast": the --fast preset (its merge and step cache)."""
     from retom_jax.merge import from_options as merge_config
+    from retom_jax.pipelines.step_cache import FAST
 
-    method = merge_config(merge, 0.5) if merge != "none" else None
+    if merge == "fast":
+        method, step_cache = FAST.merge(1), FAST.step_cache
+    else:
+        method = merge_config(merge, 0.5) if merge != "none" else None
     prompts = shapes.all_captions()
     rows, out = [], []
     for seed in seeds:
         for i in range(0, len(prompts), batch):
             chunk = prompts[i:i + batch]
             images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                          merge=method, output_type="np").images
+                          merge=method, step_cache=step_cache, output_type="np").images
             for prompt, image in zip(chunk, np.asarray(images)):
                 color, _, background = shapes.parse_caption(prompt)
                 image = (image * 255).round()
@@ -72,9 +77,13 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=None,
                    help="default: the model's (the demo's: 3)")
     p.add_argument("--merges", nargs="+", default=["none"],
-                   choices=["none", "tome", "retom", "todo"],
+                   choices=["none", "tome", "retom", "todo", "fast"],
                    help="methods at ratio 0.5 (ToDo: factor 2); PSNR is against 'none'")
     p.add_argument("--batch", type=int, default=30)
+    p.add_argument("--step-cache", type=int, default=None, metavar="N",
+                   help="a step cache of interval N for the merged runs and a 'none+cache' "
+                        "run (PSNR stays against the uncached 'none')")
+    p.add_argument("--step-cache-depth", type=int, default=1)
     p.add_argument("--verbose", action="store_true", help="list every failing prompt")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -83,9 +92,20 @@ def main(argv=None):
     a.guidance = pipe.resolve_guidance(a.guidance)
     writer = common.ResultWriter(a.out, common.run_meta("demo_quality", argv, vars(a)))
     plain, summaries = None, {}
-    for merge in dict.fromkeys(["none", *a.merges]) if len(a.merges) > 1 else a.merges:
+    from retom_jax.pipelines.step_cache import parse_step_cache
+
+    cache = parse_step_cache(a.step_cache, a.step_cache_depth)
+    runs = list(dict.fromkeys(["none", *a.merges]) if len(a.merges) > 1 else a.merges)
+    if cache is not None:  # the uncached 'none' stays the reference
+        runs = ["none"] * ("none" not in runs) + runs + [
+            m + "+cache" for m in runs if m != "fast"] * 1
+    for merge in runs:
         t0 = time.perf_counter()
-        rows, images = run(pipe, a.seeds, a.steps, a.guidance, merge, a.batch)
+        base = merge.removesuffix("+cache")
+        rows, images = run(pipe, a.seeds, a.steps, a.guidance, base, a.batch,
+                           cache if merge.endswith("+cache") else None)
+        for r in rows:
+            r["merge"] = merge
         s = summary(rows)
         if merge == "none":
             plain = images

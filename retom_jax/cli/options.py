@@ -259,7 +259,7 @@ def apply_fast(args) -> None:
         return
     if args.merge == "none":
         args.merge = FAST.method
-        if args.ratio is None:
+        if args.ratio is None and FAST.method in ("tome", "retom"):
             args.ratio = FAST.ratio
     if args.step_cache is None:
         args.step_cache = FAST.interval
