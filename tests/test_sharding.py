@@ -86,7 +86,7 @@ def test_padded_batch():
     assert sharding.padded_batch(8, fake_mesh(data=4, fsdp=2)) == 8
     assert sharding.padded_batch(5, fake_mesh(data=2, fsdp=1, spatial=4)) == 6
     x = jax.numpy.arange(6).reshape(6, 1)  # two groups of 3 rows (guidance: [neg, pos])
-    padded = sharding._pad_rows(jax.numpy.asarray(x), 4, groups=2)
+    padded = sharding.pad_rows(jax.numpy.asarray(x), 4, groups=2)
     assert padded[:, 0].tolist() == [0, 1, 2, 2, 3, 4, 5, 5]
 
 
