@@ -259,7 +259,7 @@ def test_bad_options_fail_before_compiling(sd, sdxl, tmp_path):
         (pipe, dict(image=np.zeros((32, 24, 4), np.uint8)), "image must be RGB"),
         (pipe, dict(image=np.full((32, 24, 3), 2.0, np.float32)), r"values in \[0, 1\]"),
         (pipe, dict(image=tmp_path / "missing.png"), "image file not found"),
-        (pipe, dict(image=text), "cannot read .* as an image"),
+        (pipe, dict(image=text), "cannot be read as an image"),
         (pipe, dict(image=[image, image, image]), "3 images for 1 prompts"),
         (pipe, dict(image=image, height=64), r"differ from the image's \(32x24\)"),
         (pipe, dict(image=image, latents=np.zeros((1, 4, 16, 12), np.float32)),
