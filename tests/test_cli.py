@@ -31,7 +31,7 @@ def spy(monkeypatch):
         calls.append((args, kwargs, done[0] if done else real(*args, **kwargs)))
         return calls[-1][2]
 
-    monkeypatch.setattr(retom_jax.cli.generate, "load_pipeline", load)
+    monkeypatch.setattr(retom_jax.pipelines, "load_pipeline", load)
     return calls
 
 

@@ -34,7 +34,7 @@ def test_img2img_lora_options(files, tmp_path, capsys, monkeypatch):
     folder, image, lora = files
     loaded = []
     real = retom_jax.pipelines.load_pipeline
-    monkeypatch.setattr(retom_jax.cli.generate, "load_pipeline",
+    monkeypatch.setattr(retom_jax.pipelines, "load_pipeline",
                         lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
     out = tmp_path / "i2i.png"
     assert main(["generate", "--model", str(folder), "--prompt", "the cat", "--steps", "4",

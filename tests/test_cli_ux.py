@@ -81,7 +81,7 @@ def events(monkeypatch, demo):
     real_load = retom_jax.pipelines.load_pipeline
     monkeypatch.setattr(Pipeline, "_executable", executable)
     monkeypatch.setattr(retom_jax.pipelines.base, "StepBar", Bar)
-    monkeypatch.setattr(retom_jax.cli.generate, "load_pipeline", load)
+    monkeypatch.setattr(retom_jax.pipelines, "load_pipeline", load)
     return log
 
 

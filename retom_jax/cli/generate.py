@@ -14,18 +14,15 @@ from pathlib import Path
 
 import jax
 
-from ..demo import DEMO_NOTICE
 from ..io import save_image
 from ..eval.mergemap import (add_merge_map_arguments, check_merge_map_args,
                              save_merge_map_from_args)
-from ..models.weights import CheckpointError
-from ..pipelines import FluxPipeline, load_pipeline
+from ..pipelines import FluxPipeline
 from ..sharding import initialize_distributed
 from .options import (HelpFormatter, add_feature_arguments, add_merge_options,
                       add_step_cache_options, apply_fast, step_cache_from_args,
-                      add_mesh_options, add_model_options, check_merge_options,
-                      feature_options, image_side, merge_from_args, mesh_from_args,
-                      positive_int, seed_arg)
+                      add_mesh_options, add_model_options, check_merge_options, feature_options,
+                      image_side, merge_from_args, load_model, positive_int, seed_arg)
 
 
 def add_parser(sub):
@@ -157,15 +154,9 @@ def generate(args, parser) -> int:
         parser.error(str(e))
     check_merge_map_args(args, parser)
     t0 = time.perf_counter()
-    try:
-        if args.distributed:
-            initialize_distributed()
-        mesh = mesh_from_args(args)
-        if args.model == "demo":
-            print(DEMO_NOTICE)
-        pipe = load_pipeline(args.model, args.dtype, scheduler=args.scheduler, mesh=mesh)
-    except (CheckpointError, ValueError) as e:
-        parser.error(f"--model {args.model}: {e}" if isinstance(e, CheckpointError) else str(e))
+    if args.distributed:
+        initialize_distributed()
+    pipe, mesh = load_model(args, parser)
     for file, scale in args.lora:
         try:
             pipe.load_lora(file, scale)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from .. import pipelines
+from ..demo import DEMO_NOTICE
 from ..merge import METHOD_OPTIONS, from_options
+from ..models.weights import CheckpointError
 from ..pipelines.step_cache import FAST, parse_step_cache
 from ..sharding import make_mesh, parse_mesh
 
@@ -326,3 +329,18 @@ def mesh_from_args(args):
     if getattr(args, "mesh", None) is None:
         return None
     return make_mesh(**{"data": -1, **args.mesh})
+
+
+def load_model(args, parser):
+    """The pipeline --model names, on the mesh --mesh asks for (the demo model's notice
+    printed first); a bad folder or option is one ``parser.error`` line."""
+    try:
+        mesh = mesh_from_args(args)
+        if args.model == "demo":
+            print(DEMO_NOTICE)
+        # looked up on the package at call time, so a test can spy on it
+        pipe = pipelines.load_pipeline(args.model, args.dtype, scheduler=args.scheduler,
+                                       mesh=mesh)
+    except (CheckpointError, ValueError) as e:
+        parser.error(f"--model {args.model}: {e}" if isinstance(e, CheckpointError) else str(e))
+    return pipe, mesh

@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..demo import DEMO_NOTICE
-from ..models.weights import CheckpointError
-from ..pipelines import load_pipeline
 from .options import (HelpFormatter, add_merge_options, add_mesh_options, add_model_options,
                       add_step_cache_options, apply_fast, check_merge_options, lora_arg,
-                      merge_from_args, mesh_from_args, positive_int, step_cache_from_args)
+                      merge_from_args, load_model, positive_int, step_cache_from_args)
 
 __all__ = ["add_parser", "serve"]
 
@@ -96,13 +93,7 @@ def serve(args, parser) -> int:
     except ValueError as e:
         parser.error(str(e))
     t0 = time.perf_counter()
-    try:
-        mesh = mesh_from_args(args)
-        if args.model == "demo":
-            print(DEMO_NOTICE)
-        pipe = load_pipeline(args.model, args.dtype, scheduler=args.scheduler, mesh=mesh)
-    except (CheckpointError, ValueError) as e:
-        parser.error(f"--model {args.model}: {e}" if isinstance(e, CheckpointError) else str(e))
+    pipe, mesh = load_model(args, parser)
     if getattr(pipe, "unet", None) is None:
         parser.error(f"--model {args.model}: retom-jax serve runs UNet pipelines (SD 1.x/2.x, "
                      f"SDXL); {type(pipe).__name__} is not one")
