@@ -19,7 +19,7 @@ from ..eval.mergemap import (add_merge_map_arguments, check_merge_map_args,
                              save_merge_map_from_args)
 from ..pipelines import FluxPipeline
 from ..sharding import initialize_distributed
-from .options import (HelpFormatter, add_feature_arguments, add_merge_options,
+from .options import (FEATURE_FLAGS, HelpFormatter, add_feature_arguments, add_merge_options,
                       add_step_cache_options, apply_fast, step_cache_from_args,
                       add_mesh_options, add_model_options, check_merge_options, feature_options,
                       image_side, merge_from_args, load_model, positive_int, seed_arg)
@@ -205,12 +205,14 @@ def generate(args, parser) -> int:
 
 def _generate_flux(args, parser, pipe, paths) -> int:
     """``generate`` for a diffusion transformer pipeline (Flux, and SD3 which shares its
-    machinery): no SD call options; Flux takes no negative prompt (distilled guidance);
-    the merge method merges attention and MLP (where merging pays in a transformer, see
-    docs/transformers.md)."""
+    machinery): of the SD call options only --init-image / --strength (image-to-image);
+    Flux takes no negative prompt (distilled guidance); the merge method merges attention
+    and MLP (where merging pays in a transformer, see docs/transformers.md)."""
     import dataclasses
 
-    unsupported = [f"--{k.replace('_', '-')}" for k in feature_options(args)]
+    image_options = {k: v for k, v in feature_options(args).items()
+                     if k in ("image", "strength")}
+    unsupported = [FEATURE_FLAGS[k] for k in feature_options(args) if k not in image_options]
     if args.negative_prompt is not None and type(pipe) is FluxPipeline:
         unsupported.append("--negative-prompt")
     if args.merge_map:
@@ -224,7 +226,7 @@ def _generate_flux(args, parser, pipe, paths) -> int:
         options = dict(negative_prompt=args.negative_prompt,
                        num_inference_steps=args.steps, guidance_scale=args.guidance,
                        height=args.height, width=args.width,
-                       num_images_per_prompt=args.num_images, merge=merge)
+                       num_images_per_prompt=args.num_images, merge=merge, **image_options)
         print("compiling ... (once per size, step count and merge setting)", flush=True)
         if not args.progress:
             print(f"compiled in {pipe.compile(args.prompt, **options):.2f} s")

@@ -150,7 +150,7 @@ def add_feature_arguments(g) -> None:
                    help="image-to-image: start from this image (its size sets the output's)")
     f.add_argument("--strength", type=float, default=None,
                    help="image-to-image: how much of the schedule runs, in (0, 1] (0.8; SDXL "
-                        "0.3)")
+                        "0.3; Flux and SD3 0.6)")
     f.add_argument("--lora", type=lora_arg, action="append", default=[],
                    metavar="FILE[:SCALE]",
                    help="fuse a LoRA .safetensors file (diffusers/peft or kohya) into the "

@@ -5,10 +5,11 @@ or ``[r, in, kh, kw]`` for a convolution, ``up``: ``[out, r]`` or ``[out, r, 1, 
 Fused once at load, it costs nothing per step, and the compiled sampling programs stay
 valid (the weights are their arguments).
 
-Key layouts read (what diffusers' ``load_lora_weights`` reads for SD / SDXL):
+Key layouts read (what diffusers' ``load_lora_weights`` reads for SD / SDXL, Flux and
+SD3):
 
 - diffusers / peft: ``unet.<module>.lora_A.weight`` and ``.lora_B.weight`` (also
-  ``text_encoder.`` and ``text_encoder_2.``), alpha from the file's
+  ``transformer.`` for Flux / SD3, ``text_encoder.`` and ``text_encoder_2.``), alpha from the file's
   ``lora_adapter_metadata`` (``<component>.lora_alpha``, ``alpha_pattern``,
   ``use_rslora``) or from ``<module>.alpha`` keys, else alpha = rank (scale 1). The older
   diffusers names (``.lora.down.weight`` / ``.lora.up.weight``,
@@ -18,7 +19,11 @@ Key layouts read (what diffusers' ``load_lora_weights`` reads for SD / SDXL):
   Names are resolved against the model's own layer names, so underscores inside names
   (``to_q``, ``proj_in``) are never ambiguous. UNet names in the original SGM block layout
   (``input_blocks_4_1_...``, what sd-scripts writes for SDXL) are mapped by
-  :func:`sgm_to_diffusers`.
+  :func:`sgm_to_diffusers`. For a Flux pipeline ``lora_unet_`` names its transformer in
+  the original (BFL) layout, ``double_blocks_<i>_img_attn_qkv``,
+  ``single_blocks_<i>_linear1``, ... (:func:`flux_kohya_targets`): a fused layer's update
+  ``up @ down`` is split by output rows over the separate diffusers layers (q, k, v and,
+  for ``linear1``, the MLP's input projection), the sizes read from the model.
 
 A key that matches no layer, a missing half of a pair, or an update whose shape does not
 fit the layer is a :class:`LoraError` naming it. The helpers (:func:`parse_lora_key`,
@@ -43,10 +48,11 @@ from .weights import (CheckpointError, check_finite, read_safetensors,
                       read_safetensors_metadata, to_flax_layout, torch_key)
 
 __all__ = ["LoraError", "LoraLayer", "LoraFile", "COMPONENTS", "KOHYA_PREFIXES",
-           "parse_lora_key", "kohya_name", "diffusers_keys", "sgm_to_diffusers", "module_table", "lora_delta",
+           "parse_lora_key", "kohya_name", "diffusers_keys", "sgm_to_diffusers", "flux_kohya_targets",
+           "module_table", "lora_delta",
            "read_lora", "fuse_lora", "load_lora_into", "parse_lora_spec", "LORA_FILE_NAME"]
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 LORA_FILE_NAME = "pytorch_lora_weights.safetensors"  # what diffusers and `train` write
 # kohya prefix -> component (SD's "lora_te_" is its only text encoder)
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
@@ -113,8 +119,8 @@ def parse_lora_key(key: str) -> tuple[str, str, str]:
     component, _, module = stem.partition(".")
     if component not in COMPONENTS or not module:
         raise LoraError(f"key {key!r} names no model: LoRA keys start with unet., "
-                        f"text_encoder., text_encoder_2. or lora_unet_, lora_te_, lora_te1_, "
-                        f"lora_te2_")
+                        f"transformer., text_encoder., text_encoder_2. or lora_unet_, "
+                        f"lora_te_, lora_te1_, lora_te2_")
     # diffusers' older attention-processor names: attn1.processor.to_q_lora -> attn1.to_q
     match = re.fullmatch(r"(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora", module)
     if match:
@@ -126,7 +132,7 @@ def kohya_name(component: str, module: str) -> str:
     """The kohya stem of a layer (``"lora_unet_down_blocks_0_..._to_q"``) from its dotted
     PyTorch name; SDXL's second text encoder is ``lora_te2_``. Append ``.lora_down.weight``,
     ``.lora_up.weight`` or ``.alpha``."""
-    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_",
+    prefix = {"unet": "lora_unet_", "transformer": "lora_unet_", "text_encoder": "lora_te_",
               "text_encoder_2": "lora_te2_"}.get(component)
     if prefix is None:
         raise ValueError(f"unknown component {component!r}; one of {', '.join(COMPONENTS)}")
@@ -186,6 +192,46 @@ def _resnet(rest: str, kind: str) -> str:
         if rest == old or rest.startswith(old + "_"):
             return new + rest[len(old):]
     return rest
+
+
+# BFL (original Flux) layer -> the diffusers layers it stands for, in its output-row order
+_FLUX_DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn_proj": ("attn.to_out.0",), "txt_attn_proj": ("attn.to_add_out",),
+    "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",),
+    "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",),
+    "img_mod_lin": ("norm1.linear",), "txt_mod_lin": ("norm1_context.linear",)}
+_FLUX_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+                "linear2": ("proj_out",), "modulation_lin": ("norm.linear",)}
+_FLUX_OUTER = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer_linear": "proj_out", "final_layer_adaLN_modulation_1": "norm_out.linear"}
+
+
+def flux_kohya_targets(name: str) -> tuple[tuple[str, ...], bool] | None:
+    """A kohya / sd-scripts Flux layer name in the original BFL layout (without
+    ``lora_unet_``: ``double_blocks_0_img_attn_qkv``, ``single_blocks_3_linear1``,
+    ``final_layer_linear``) as ``(diffusers layers, swap)``: the dotted names of the
+    layers whose weights, stacked by output rows in this order, form the BFL layer's
+    weight; ``swap``: the BFL layer's two output halves are in the other order
+    (``final_layer_adaLN_modulation_1`` is (shift, scale), diffusers' ``norm_out`` (scale,
+    shift)). None when ``name`` is not in that layout."""
+    m = re.fullmatch(r"(double|single)_blocks_(\d+)_(.+)", name)
+    if m:
+        table, prefix = ((_FLUX_DOUBLE, "transformer_blocks") if m[1] == "double"
+                         else (_FLUX_SINGLE, "single_transformer_blocks"))
+        parts = table.get(m[3])
+        return None if parts is None else (tuple(f"{prefix}.{m[2]}.{p}" for p in parts), False)
+    if name in _FLUX_OUTER:
+        return (_FLUX_OUTER[name],), name == "final_layer_adaLN_modulation_1"
+    return None
 
 
 def diffusers_keys(component: str, module: str) -> tuple[str, str]:
@@ -375,23 +421,39 @@ def fuse_lora(params, layers: dict, scale: float = 1.0, *, component: str = "une
     flat = dict(nnx.to_flat_state(params))
     changed = {}
     for module, layer in layers.items():
-        name = by_kohya.get(module) if kohya else _normalize(component, module, table)
-        if name is None or name not in table:
+        bfl = flux_kohya_targets(module) if kohya and component == "transformer" else None
+        names, swap = bfl if bfl is not None else (
+            (by_kohya.get(module) if kohya else _normalize(component, module, table),), False)
+        if any(name is None or name not in table for name in names):
             shown = (kohya_name(component, origin[module]) if kohya
                      else f"{component}.{module}")
             raise LoraError(f"{where}: {shown!r} matches no layer of the {component}")
-        path = table[name]
-        old = _value(flat[path])
         delta = lora_delta(layer, scale)
-        want = tuple(np.shape(old))
-        update = to_flax_layout(delta, "kernel")
-        if update.shape != want:
-            torch_shape = (list(want[::-1]) if len(want) == 2
-                           else [want[3], want[2], want[0], want[1]])
-            raise LoraError(f"{where}: the update for {component} layer {name!r} has shape "
-                            f"{list(delta.shape)} but the layer's weight is {torch_shape}")
-        flat[path] = (jnp.asarray(old, jnp.float32) + jnp.asarray(update)).astype(old.dtype)
-        changed[f"{component} layer {name}"] = flat[path]
+        if swap:  # BFL's (shift, scale) halves -> diffusers' (scale, shift)
+            delta = np.concatenate(np.split(delta, 2)[::-1])
+        if len(names) > 1:  # a fused BFL layer: its output rows split over the layers
+            rows = [int(np.shape(_value(flat[table[n]]))[-1]) for n in names]
+            if delta.shape[0] != sum(rows):
+                raise LoraError(f"{where}: the update for {component} layer "
+                                f"{kohya_name(component, origin[module])!r} has "
+                                f"{delta.shape[0]} output rows but {', '.join(names)} have "
+                                f"{' + '.join(map(str, rows))}")
+            pieces = np.split(delta, np.cumsum(rows)[:-1])
+        else:
+            pieces = [delta]
+        for name, piece in zip(names, pieces):
+            path = table[name]
+            old = _value(flat[path])
+            want = tuple(np.shape(old))
+            update = to_flax_layout(piece, "kernel")
+            if update.shape != want:
+                torch_shape = (list(want[::-1]) if len(want) == 2
+                               else [want[3], want[2], want[0], want[1]])
+                raise LoraError(f"{where}: the update for {component} layer {name!r} has "
+                                f"shape {list(piece.shape)} but the layer's weight is "
+                                f"{torch_shape}")
+            flat[path] = (jnp.asarray(old, jnp.float32) + jnp.asarray(update)).astype(old.dtype)
+            changed[f"{component} layer {name}"] = flat[path]
     check_finite(changed, f"{where}: the {component} weights with this LoRA fused in (scale "
                  f"{scale})", LoraError)
     return nnx.from_flat_state(flat)
@@ -405,13 +467,17 @@ def _check_scale(scale) -> float:
 
 
 def load_lora_into(pipe, path, scale: float = 1.0) -> None:
-    """Fuse the LoRA file ``path`` times ``scale`` into ``pipe``'s UNet and text encoders.
+    """Fuse the LoRA file ``path`` times ``scale`` into ``pipe``'s UNet (or diffusion
+    transformer: Flux, SD3) and text encoders.
     Everything is checked before any model changes; the changed models are new objects
     (a pipeline sharing the old ones, e.g. from ``with_scheduler``, keeps them)."""
     scale = _check_scale(scale)
     lora = read_lora(path)
     fused = {}
     for component, layers in lora.layers.items():
+        if (component == "unet" and lora.kohya and getattr(pipe, "unet", None) is None
+                and getattr(pipe, "transformer", None) is not None):
+            component = "transformer"  # lora_unet_ names a Flux transformer's layers
         model = getattr(pipe, component, None)
         if model is None:
             raise LoraError(f"{lora.path} has {component} layers but a "

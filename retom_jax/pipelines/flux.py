@@ -36,6 +36,7 @@ from ..models.t5 import load_t5_encoder, load_t5_tokenizer
 from ..models.vae import load_vae
 from ..progress import Progress
 from ..schedulers.flow_match import FlowMatchEuler
+from . import options as features
 from .request import PipelineOutput, seed_key
 
 _F32 = jnp.float32
@@ -51,6 +52,7 @@ class FluxSampleConfig:
     text_tokens: int
     merge: MergeMethod | None
     decode: bool
+    start: int = 0  # image-to-image: the schedule index the loop starts at
 
 
 def pack(latents):
@@ -75,6 +77,7 @@ class FluxPipeline:
 
     default_guidance_scale = 3.5
     max_sequence_length = 512  # T5 tokens
+    default_strength = 0.6  # diffusers' FluxImg2ImgPipeline / SD3 img2img default
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                  scheduler: FlowMatchEuler):
@@ -86,6 +89,7 @@ class FluxPipeline:
         self.folder = None  # the folder it was loaded from
         self._programs: dict = {}
         self._encode_jit = jax.jit(self._encode)
+        self._img2img_jit = jax.jit(self._img2img_latents, static_argnums=0)
 
     # -- sizes
 
@@ -103,6 +107,24 @@ class FluxPipeline:
 
     def params(self) -> dict:
         return {"transformer": self.transformer.params, "vae": self.vae.params}
+
+    def load_lora(self, file, scale: float = 1.0) -> "FluxPipeline":
+        """Fuse a LoRA ``.safetensors`` file times ``scale`` into the transformer (and the
+        CLIP text encoders): diffusers/peft keys (``transformer.<module>.lora_A.weight``)
+        or, for Flux, kohya / sd-scripts keys in the original layout
+        (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``; see
+        ``models/lora.py``). The weights are the compiled programs' arguments: nothing
+        recompiles. Returns the pipeline."""
+        import os
+
+        from ..models.lora import LoraError, load_lora_into
+
+        if self.mesh is not None:
+            raise LoraError(f"LoRA on a {type(self).__name__} placed on a mesh is not "
+                            f"supported yet: load it without mesh=")
+        load_lora_into(self, file, scale)
+        self.loras = getattr(self, "loras", []) + [(os.fspath(file), float(scale))]
+        return self
 
     # -- text
 
@@ -151,14 +173,70 @@ class FluxPipeline:
     def _sample(self, static: FluxSampleConfig, params, cond, latents, state, merge_state, key):
         carry = (latents.astype(_F32), state, merge_state)
         carry = jax.lax.fori_loop(
-            0, static.steps, lambda i, c: self._step(static, params, cond, i, c, key), carry)
+            static.start, static.steps, lambda i, c: self._step(static, params, cond, i, c, key), carry)
         return self._decode(params, carry[0], static) if static.decode else carry[0]
+
+    # -- image-to-image
+
+    @property
+    def _image_multiple(self) -> int:
+        """What the image's sides must be multiples of: VAE factor x 2x2 packing."""
+        return self.vae_scale_factor * 2
+
+    def _to_carry(self, z):
+        """NCHW model latents as the loop carries them (Flux: packed)."""
+        return pack(z)
+
+    def _check_image(self, image, strength, height, width, latents, prompt):
+        """``(images NCHW in [-1, 1] or None, strength, height, width)``: the init image
+        read and checked against the size and the prompts, before anything compiles."""
+        if image is None:
+            if strength is not None:
+                raise ValueError("strength is the image-to-image option: pass image= too")
+            return None, None, height, width
+        if latents is not None:
+            raise ValueError("latents and image exclude each other: image-to-image starts "
+                             "from the encoded image (the noise comes from seed or key)")
+        strength = features.check_fraction(
+            "strength", self.default_strength if strength is None else strength, low_open=True)
+        images = features.prepare_image(image, self._image_multiple)
+        n_prompts = len(prompt) if isinstance(prompt, (list, tuple)) else 1
+        if images.shape[0] not in (1, n_prompts):
+            raise ValueError(f"{images.shape[0]} images for {n_prompts} prompts: give one "
+                             f"image or one per prompt")
+        img_h, img_w = images.shape[2:]
+        if height not in (None, img_h) or width not in (None, img_w):
+            raise ValueError(f"height and width ({height}x{width}) differ from the image's "
+                             f"({img_h}x{img_w}): resize the image instead")
+        return images, strength, img_h, img_w
+
+    def _img2img_latents(self, static, vae_params, images, state, key):
+        """``(latents, loop key)``: ``images`` encoded (a posterior sample, shifted and
+        scaled as the decoder undoes), gathered to the batch rows ``static[1]``, noised
+        to ``sigmas[static[0]]`` with ``scale_noise`` (diffusers' img2img
+        ``prepare_latents``), in the loop's layout."""
+        start, rows = static
+        k_post, k_noise, k_loop = features.img2img_keys(key)
+        z = self.vae.apply_encode(vae_params, images).sample(k_post).astype(_F32)
+        z = self.vae.config.to_model_latents(z)[jnp.asarray(rows)]
+        noise = jax.random.normal(k_noise, z.shape, _F32)
+        x = self.scheduler.scale_noise(state, z, start, noise)
+        return self._to_carry(x).astype(_F32), k_loop
+
+    def _start_latents(self, images, strength, steps, batch, state, key):
+        """Image-to-image's ``(start, latents, loop key)`` for ``batch`` rows (one image
+        for all, or each image repeated for its prompt's images)."""
+        start = features.flow_img2img_start(steps, strength)
+        per = batch // images.shape[0]
+        rows = tuple(i for i in range(images.shape[0]) for _ in range(per))
+        return (start, *self._img2img_jit((start, rows), self.vae.params,
+                                          jnp.asarray(images), state, key))
 
     # -- the call
 
     def _prepare(self, prompt, num_inference_steps, guidance_scale, height, width,
                  num_images_per_prompt, seed, key, latents, max_sequence_length, merge,
-                 output_type, mu, negative_prompt=None):
+                 output_type, mu, negative_prompt=None, image=None, strength=None):
         if negative_prompt is not None:
             raise ValueError("negative_prompt: Flux's distilled guidance takes none (diffusers' "
                              "true CFG is not implemented)")
@@ -176,6 +254,8 @@ class FluxPipeline:
             raise ValueError("FluxPipeline runs one merge configuration for every step: a "
                              "ReToM window schedule is not supported here (drop schedule=)")
         step = self.vae_scale_factor * 2
+        image, strength, height, width = self._check_image(image, strength, height, width,
+                                                           latents, prompt)
         height, width = height or self.default_size, width or self.default_size
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v < step or v % step:
@@ -189,11 +269,11 @@ class FluxPipeline:
             raise ValueError("pass either seed or key, not both")
         key = key if key is not None else seed_key(0 if seed is None else seed)
         k_noise, k_loop = jax.random.split(key)
-        if latents is None:
+        if latents is None and image is None:
             noise = jax.random.normal(k_noise, (b, self.latent_channels, 2 * grid[0],
                                                 2 * grid[1]), _F32)
             latents = pack(noise)
-        else:
+        elif latents is not None:
             latents = jnp.asarray(latents, _F32)
             if latents.ndim == 4:
                 latents = pack(latents)
@@ -206,6 +286,10 @@ class FluxPipeline:
         if sched.use_dynamic_shifting and mu is None:
             mu = sched.mu(n)
         state = sched.set_timesteps(num_inference_steps, sigmas=sigmas, mu=mu)
+        start = 0
+        if image is not None:
+            start, latents, k_loop = self._start_latents(image, strength, num_inference_steps,
+                                                         b, state, key)
         tc = self.transformer.config
         guidance = None
         if tc.guidance_embeds:
@@ -215,7 +299,7 @@ class FluxPipeline:
                 "img_ids": jnp.asarray(image_ids(*grid)),
                 "txt_ids": jnp.zeros((embeds.shape[1], 3), _F32)}
         static = FluxSampleConfig(num_inference_steps, b, grid, embeds.shape[1], merge,
-                                  output_type != "latent")
+                                  output_type != "latent", start)
         if merge is not None:
             self.transformer.check_merge(merge, grid, key=k_loop)
         merge_state = None
@@ -240,29 +324,33 @@ class FluxPipeline:
     def compile(self, prompt="", num_inference_steps: int = 28, guidance_scale=None,
                 height=None, width=None, num_images_per_prompt: int = 1, *,
                 negative_prompt=None, max_sequence_length: int | None = None, merge=None,
-                output_type="pil", mu=None) -> float:
-        """Compile the sampling program a call with these settings runs (prompts, seeds
-        and guidance values do not matter); returns the seconds spent."""
+                output_type="pil", mu=None, image=None, strength=None) -> float:
+        """Compile the sampling program a call with these settings runs (prompts, seeds,
+        images and guidance values do not matter; an image-to-image call's program
+        depends on the number of steps its strength runs); returns the seconds spent."""
         static, args = self._prepare(prompt, num_inference_steps, guidance_scale, height,
                                      width, num_images_per_prompt, None, None, None,
                                      max_sequence_length or self.max_sequence_length, merge,
-                                     output_type, mu, negative_prompt)
+                                     output_type, mu, negative_prompt, image, strength)
         return self._program(static, args)[1]
 
     def __call__(self, prompt, num_inference_steps: int = 28, guidance_scale=None,
                  height=None, width=None, num_images_per_prompt: int = 1, *,
                  negative_prompt=None, seed=None, key=None, latents=None,
                  max_sequence_length: int | None = None, merge=None, output_type: str = "pil",
-                 progress: bool = False, mu=None) -> PipelineOutput:
+                 progress: bool = False, mu=None, image=None,
+                 strength=None) -> PipelineOutput:
         """Generate images. ``latents``: packed ``[B, N, 64]`` (diffusers' form) or NCHW;
         ``guidance_scale`` (dev only; default 3.5); ``mu``: the shift (default: from the
-        image size, as diffusers). Returns a `PipelineOutput` (``"latent"``: the packed
-        latents)."""
+        image size, as diffusers). ``image`` + ``strength`` (in (0, 1], default 0.6):
+        image-to-image as diffusers' ``FluxImg2ImgPipeline`` (a PIL image, file path or
+        HWC/NHWC array, one or one per prompt; its size sets the output's). Returns a
+        `PipelineOutput` (``"latent"``: the packed latents)."""
         t0 = time.perf_counter()
         static, args = self._prepare(prompt, num_inference_steps, guidance_scale, height,
                                      width, num_images_per_prompt, seed, key, latents,
                                      max_sequence_length or self.max_sequence_length, merge,
-                                     output_type, mu, negative_prompt)
+                                     output_type, mu, negative_prompt, image, strength)
         compile_s = 0.0
         if progress:
             out = self._interactive(static, *args)
@@ -284,8 +372,8 @@ class FluxPipeline:
         step, decode = self._programs["step", static], self._programs["decode", static]
         params = self.params()
         carry = (latents, state, merge_state)
-        bar = Progress(static.steps, desc="flux")
-        for i in range(static.steps):
+        bar = Progress(static.steps - static.start, desc="flux")
+        for i in range(static.start, static.steps):
             carry = step(params, cond, jnp.int32(i), carry, key)
             jax.block_until_ready(carry[0])
             bar.update()

@@ -98,14 +98,17 @@ def load_pipeline(path_or_repo_id, dtype=jnp.float32, *, scheduler=None, attenti
     index = read_model_index(root)
     cls_name = index.get("_class_name")
     if cls_name in ("FluxPipeline", "StableDiffusion3Pipeline"):
-        if loras:
-            raise ValueError(f"LoRA files are not supported for a {cls_name} yet")
+        if loras and mesh is not None:
+            raise ValueError(f"LoRA files with mesh= are not supported for a {cls_name} yet")
         if isinstance(scheduler, str):
             raise ValueError(f"a {cls_name} samples with its flow-matching scheduler "
                              f"(FlowMatchEuler); scheduler={scheduler!r} does not apply")
         load = load_flux_pipeline if cls_name == "FluxPipeline" else load_sd3_pipeline
-        return load(root, dtype, scheduler=scheduler, attention=attention,
+        pipe = load(root, dtype, scheduler=scheduler, attention=attention,
                     param_dtype=param_dtype, variant=variant, mesh=mesh)
+        for file, scale in loras:
+            pipe.load_lora(file, scale)
+        return pipe
     if cls_name not in PIPELINE_CLASSES:
         raise CheckpointError(
             f"{root}/model_index.json describes a {cls_name!r}; retom-jax loads "

@@ -29,6 +29,7 @@ import numpy as np
 
 __all__ = ["COMMON_OPTIONS", "SDXL_OPTIONS", "step_keys", "img2img_keys", "rescale_noise_cfg",
            "check_fraction", "check_clip_skip", "prepare_image", "img2img_start",
+           "flow_img2img_start",
            "check_size_pair", "add_time_ids"]
 
 COMMON_OPTIONS = ("guidance_rescale", "eta", "clip_skip", "image", "strength")
@@ -144,6 +145,20 @@ def img2img_start(num_inference_steps: int, strength: float) -> int:
             f"int({num_inference_steps} * {strength}) = 0 denoising steps: raise strength "
             f"or num_inference_steps")
     return num_inference_steps - init
+
+
+def flow_img2img_start(num_inference_steps: int, strength: float) -> int:
+    """The schedule index where image-to-image starts on a flow-matching schedule (Flux,
+    SD3): ``int(n - n * strength)``, the float arithmetic of diffusers'
+    ``FluxImg2ImgPipeline`` / ``StableDiffusion3Img2ImgPipeline.get_timesteps`` (which
+    rounds differently from SD's :func:`img2img_start`); at least one step runs for any
+    ``strength`` in (0, 1]."""
+    init = min(num_inference_steps * strength, num_inference_steps)
+    start = int(max(num_inference_steps - init, 0))
+    if start >= num_inference_steps:
+        raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} "
+                         f"runs no denoising step: raise strength")
+    return start
 
 
 def _load_image_file(path) -> np.ndarray:

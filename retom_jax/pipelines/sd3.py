@@ -101,6 +101,13 @@ class StableDiffusion3Pipeline(FluxPipeline):
         x, state = self.scheduler.step(state, pred, i, x)
         return x.astype(_F32), state, out.merge_state
 
+    @property
+    def _image_multiple(self) -> int:
+        return self.vae_scale_factor * self.transformer.config.patch_size
+
+    def _to_carry(self, z):
+        return z
+
     def _decode(self, params, x, static):
         c = self.vae.config
         z = x / c.scaling_factor + (c.shift_factor or 0.0)
@@ -109,7 +116,7 @@ class StableDiffusion3Pipeline(FluxPipeline):
 
     def _prepare(self, prompt, num_inference_steps, guidance_scale, height, width,
                  num_images_per_prompt, seed, key, latents, max_sequence_length, merge,
-                 output_type, mu, negative_prompt=None):
+                 output_type, mu, negative_prompt=None, image=None, strength=None):
         """As `FluxPipeline`'s, with classifier-free guidance and ``negative_prompt``."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -120,6 +127,8 @@ class StableDiffusion3Pipeline(FluxPipeline):
             raise ValueError(f"merge must be one ToMe, ReToM or ToDo configuration (no window "
                              f"schedule), got {merge!r}")
         f, p = self.vae_scale_factor, self.transformer.config.patch_size
+        image, strength, height, width = self._check_image(image, strength, height, width,
+                                                           latents, prompt)
         height, width = height or self.default_size, width or self.default_size
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v < f * p or v % (f * p):
@@ -146,9 +155,9 @@ class StableDiffusion3Pipeline(FluxPipeline):
             raise ValueError("pass either seed or key, not both")
         key = key if key is not None else seed_key(0 if seed is None else seed)
         k_noise, k_loop = jax.random.split(key)
-        if latents is None:
+        if latents is None and image is None:
             latents = jax.random.normal(k_noise, shape, _F32)
-        else:
+        elif latents is not None:
             latents = jnp.asarray(latents, _F32)
             if latents.shape != shape:
                 raise ValueError(f"latents must be NCHW {list(shape)} for {height}x{width} "
@@ -158,10 +167,14 @@ class StableDiffusion3Pipeline(FluxPipeline):
         if sched.use_dynamic_shifting and mu is None:
             mu = sched.mu(n_tokens)
         state = sched.set_timesteps(num_inference_steps, mu=mu)
+        start = 0
+        if image is not None:
+            start, latents, k_loop = self._start_latents(image, strength, num_inference_steps,
+                                                         b, state, key)
         cond = {"embeds": embeds, "pooled": pooled, "guidance_scale": jnp.asarray(g, _F32)}
         grid = (shape[2] // p, shape[3] // p)
         static = SD3SampleConfig(num_inference_steps, b, grid, embeds.shape[1], merge,
-                                 output_type != "latent", cfg)
+                                 output_type != "latent", start, guidance=cfg)
         merge_state = None
         if merge is not None:
             self.transformer.check_merge(merge, grid, key=k_loop)
