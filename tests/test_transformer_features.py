@@ -109,9 +109,13 @@ def test_cli_img2img_flux(flux, tmp_path, capsys):
     init = tmp_path / "init.png"
     init_image(16, 24).save(init)
     out = tmp_path / "out.png"
+    lora = save(lora_tensors({"lora_unet_double_blocks_0_img_attn_qkv": ((2, 32), (96, 2))},
+                             seed=0, kohya=True), tmp_path / "k.safetensors")
     assert main(["generate", "--model", str(folder), "--prompt", "a red cat", "--steps", "2",
-                 "--init-image", str(init), "--strength", "0.5", "--out", str(out)]) == 0
-    assert out.is_file() and "(24x16)" in capsys.readouterr().out
+                 "--init-image", str(init), "--strength", "0.5", "--out", str(out),
+                 "--lora", f"{lora}:0.5"]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "(24x16)" in text and "with 1 LoRA file(s)" in text
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(folder), "--prompt", "a red cat", "--steps", "2",
               "--init-image", str(init), "--eta", "0.5", "--out", str(tmp_path / "b.png")])

@@ -17,6 +17,9 @@ compiled program; prompts, seeds, latents and the guidance scale are arguments.
 ``progress=True`` runs the same step function from a Python loop with a progress line.
 Guidance is the distilled guidance of dev (an input of the transformer, no second
 batch); schnell has none. diffusers' "true CFG" (negative prompts) is not implemented.
+``image=`` / ``strength=`` run image-to-image as diffusers' ``FluxImg2ImgPipeline`` (the
+loop starts into the schedule: `FluxSampleConfig.start`); ``load_lora`` fuses LoRA files
+(peft or kohya layout) into the transformer. See docs/transformers.md.
 """
 from __future__ import annotations
 

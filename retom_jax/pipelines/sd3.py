@@ -7,7 +7,9 @@ Conditioning as diffusers: the penultimate hidden states of the two CLIP encoder
 (``max_sequence_length``, 256 by default); the pooled embedding is both CLIPs' projected
 outputs side by side. Classifier-free guidance runs the batch ``[negative, positive]``
 (negative prompt "" by default); ``guidance_scale <= 1`` turns it off. Sampling is
-`FlowMatchEuler` (SD3: shift 3.0) over NCHW latents carried in float32.
+`FlowMatchEuler` (SD3: shift 3.0) over NCHW latents carried in float32. Image-to-image
+(``image=``, ``strength=``) as diffusers' ``StableDiffusion3Img2ImgPipeline`` and LoRA
+(``load_lora``, diffusers/peft layout) come from `FluxPipeline`.
 """
 from __future__ import annotations
 
