@@ -197,7 +197,9 @@ def test_splash_dispatch_and_blocks():
     assert splash_block_size(640) == 128  # 512 or 256 would pad 384 / 128 tokens
     tpu = dict(backend="tpu")
     assert resolve_implementation("auto", jnp.bfloat16, 64, q_tokens=4096, **tpu) == "splash"
-    assert resolve_implementation("auto", jnp.bfloat16, 64, q_tokens=4095, **tpu) == "xla"
+    # merged self-attention (4,096 tokens halved) keeps the kernel
+    assert resolve_implementation("auto", jnp.bfloat16, 64, q_tokens=2048, **tpu) == "splash"
+    assert resolve_implementation("auto", jnp.bfloat16, 64, q_tokens=1023, **tpu) == "xla"
     assert resolve_implementation("auto", jnp.float32, 40, q_tokens=16384, **tpu) == "splash"
     assert resolve_implementation("auto", jnp.float32, 512, q_tokens=16384, **tpu) == "xla"
     assert resolve_implementation("auto", jnp.bfloat16, 64, q_tokens=16384,

@@ -709,3 +709,14 @@ def test_call_validation():
     ToDo(factor=3).check_grid((3, 8))
     ToMe(sx=3).check_grid((2, 3))
     ReToM(window=(3, 8)).check_grid((3, 8))
+
+
+@pytest.mark.parametrize("hw,window", [((9, 11), (2, 3)), ((8, 8), (2, 2)), ((7, 5), (3, 1))])
+def test_window_tokens_is_the_window_table_gather(hw, window):
+    """The reshape/transpose form equals gathering `window_tables`' positions."""
+    from retom_jax.merge.algorithms import window_tables, window_tokens
+
+    x = normal(3, (2, hw[0] * hw[1], 5))
+    win_pos, _ = window_tables(hw, window)
+    np.testing.assert_array_equal(window_tokens(jnp.asarray(x), hw, window), x[:, win_pos])
+

@@ -144,3 +144,25 @@ def test_estimate_validates_on_a_known_matmul():
     # XLA counts a loop body once; the roofline applies the trip count
     assert v["matmul_x10_loop"]["roofline_s"] == pytest.approx(
         v["matmul_x10_loop"]["ideal_s"], rel=0.15)
+
+
+ASYNC_HLO = """HloModule jit_g
+
+ENTRY %main (a: f32[2,4096,32]) -> f32[1,4096,32] {
+  %a = f32[2,4096,32]{2,1,0:T(8,128)} parameter(0)
+  %s = ((f32[2,4096,32]{2,1,0:T(8,128)}), f32[1,4096,32]{2,1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%a), slice={[0:1], [0:4096], [0:32]}
+  %sd = f32[1,4096,32]{2,1,0:T(8,128)S(1)} slice-done(%s)
+  %c = (f32[1,4096,32]{2,1,0:T(8,128)}, f32[1,4096,32]{2,1,0:T(8,128)S(1)}, u32[]{:S(2)}) copy-start(%sd)
+  ROOT %cd = f32[1,4096,32]{2,1,0:T(8,128)} copy-done(%c)
+}
+"""
+
+
+def test_async_copies_count_what_they_move():
+    """A slice into VMEM reads the slice (not the whole source), a copy out of VMEM
+    writes its array once; the -done halves move nothing more."""
+    r = roofline.roofline(ASYNC_HLO, peak_flops=1e14, hbm_bandwidth=1e12)
+    one = 4096 * 128 * 4  # f32[1, 4096, 32] padded to 128 lanes
+    assert r.bytes == pytest.approx(2 * one)
+    assert sum(r.by_source.values()) == pytest.approx(r.seconds)
+    assert set(r.by_source) == {"slice-start", "copy-start"}

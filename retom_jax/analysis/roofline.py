@@ -35,7 +35,7 @@ DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16
 # instructions that move or compute nothing at run time
 FREE_OPS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
             "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain",
-            "copy-done", "all-gather-done", "all-reduce-done", "collective-permute-done",
+            "copy-done", "slice-done", "all-gather-done", "all-reduce-done", "collective-permute-done",
             "async-done", "recv-done", "send-done", "iota"}
 
 _SHAPE = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True))
@@ -142,6 +142,24 @@ def _attr(rest: str, key: str) -> str | None:
     return m.group(1) if m else None
 
 
+def async_copy_bytes(ins: Instr) -> float | None:
+    """HBM bytes of an asynchronous copy or slice (None for other instructions). A
+    ``copy-start``'s result is ``(destination, source, context)``: the members outside VMEM
+    are what it reads and writes in HBM (its operand is the source again). A
+    ``slice-start``'s is ``((source), destination, context)``: it reads the slice, not the
+    whole source, and writes it to HBM only when the destination is not in VMEM."""
+    if ins.op == "copy-start":
+        return nbytes(ins.result)
+    if ins.op == "slice-start":
+        arrays = list(_SHAPE.finditer(ins.result))
+        if len(arrays) < 2:
+            return None
+        dest = arrays[1]
+        size = nbytes(dest.group(0), hbm_only=False)
+        return size * (1 if dest.group(3) and "S(1)" in dest.group(3) else 2)
+    return None
+
+
 def dot_flops(ins: Instr) -> float:
     out = shapes_in(ins.result, padded=True)
     ops = shapes_in(ins.operand_types, padded=True)
@@ -175,6 +193,25 @@ def is_splash(ins: Instr) -> bool:
     return ins.op == "custom-call" and "splash" in ins.rest.lower()
 
 
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def source_of(ins: Instr) -> str:
+    """Where an instruction comes from, for the breakdown: the last two parts of its
+    ``op_name`` metadata (the JAX function and primitive, e.g. ``"argsort/sort"``) after
+    the HLO opcode, or the opcode alone."""
+    m = _OP_NAME.search(ins.rest)
+    if not m:
+        return ins.op
+    parts = [p for p in re.sub(r"\[[^\]]*\]", "", m.group(1)).split("/") if p]
+    return f"{ins.op}: {'/'.join(parts[-2:])}"
+
+
+def top_sources(roof: "Roofline", n: int = 12) -> list:
+    """The ``n`` largest ``(source, seconds)`` entries of a roofline's breakdown."""
+    return sorted(roof.by_source.items(), key=lambda kv: -kv[1])[:n]
+
+
 @dataclasses.dataclass
 class Roofline:
     flops: float = 0.0
@@ -185,9 +222,12 @@ class Roofline:
     loops: int = 0                # while loops seen (with their trip counts applied)
     unknown_trip_counts: int = 0  # loops without a known_trip_count (counted once)
     splash_calls: int = 0
+    by_source: dict = dataclasses.field(default_factory=dict)  # seconds per `source_of`
 
-    def add(self, flops, nbytes_, peak, bw, times=1.0):
+    def add(self, flops, nbytes_, peak, bw, times=1.0, source=None):
         t_c, t_m = flops / peak, nbytes_ / bw
+        if source is not None:
+            self.by_source[source] = self.by_source.get(source, 0.0) + max(t_c, t_m) * times
         self.flops += flops * times
         self.bytes += nbytes_ * times
         self.seconds += max(t_c, t_m) * times
@@ -280,9 +320,15 @@ def roofline(hlo_text: str, peak_flops: float, hbm_bandwidth: float) -> Roofline
                         best = sub
                 if best is not None:
                     for f in dataclasses.fields(Roofline):
-                        setattr(out, f.name, getattr(out, f.name) + getattr(best, f.name))
+                        if f.name == "by_source":
+                            for k, v in best.by_source.items():
+                                out.by_source[k] = out.by_source.get(k, 0.0) + v
+                        else:
+                            setattr(out, f.name, getattr(out, f.name) + getattr(best, f.name))
                 continue
-            moved = nbytes(ins.result) + nbytes(ins.operand_types)
+            moved = async_copy_bytes(ins)
+            if moved is None:
+                moved = nbytes(ins.result) + nbytes(ins.operand_types)
             if op in ("dot", "convolution"):
                 flops = dot_flops(ins)
             elif op == "fusion":
@@ -292,7 +338,7 @@ def roofline(hlo_text: str, peak_flops: float, hbm_bandwidth: float) -> Roofline
                 out.splash_calls += int(times)
             else:
                 flops = 0.0
-            out.add(flops, moved, peak_flops, hbm_bandwidth, times)
+            out.add(flops, moved, peak_flops, hbm_bandwidth, times, source_of(ins))
 
     def _walk_into(name, target, times):
         nonlocal out

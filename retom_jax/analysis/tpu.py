@@ -402,7 +402,7 @@ def analyse(compiled, chip: Chip) -> dict:
     """The row fields of a compiled TPU program: per-chip bytes, XLA's counts and time
     estimate, the roofline estimate, collectives, whether splash is in it."""
     from .. import sharding
-    from .roofline import roofline
+    from .roofline import roofline, top_sources
 
     text = compiled.as_text()
     mem = compiled.memory_analysis()
@@ -426,6 +426,7 @@ def analyse(compiled, chip: Chip) -> dict:
         "loops": roof.loops,
         "unknown_trip_counts": roof.unknown_trip_counts,
         "collectives": sharding.count_collectives(text),
+        "roofline_top": [[k, v] for k, v in top_sources(roof)],
     }
     row["per_chip_bytes"] = (row["argument_bytes"] + row["temp_bytes"] + row["output_bytes"]
                              - row["alias_bytes"])

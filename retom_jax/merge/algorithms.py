@@ -207,14 +207,26 @@ def retom_representatives(u, hw, window):
     """``[B, nW]`` int32: each whole window's representative as an index inside the window
     (row-major): the token of highest mean similarity to the window's other tokens.
     ``u``: unit-length tokens ``[B, N, C]``."""
-    win_pos, _ = window_tables(hw, window)
-    nW, A = win_pos.shape
+    tokens = window_tokens(u, hw, window)  # [B, nW, A, C]
+    B, nW, A, _ = tokens.shape
     if A == 1:
-        return jnp.zeros((u.shape[0], nW), jnp.int32)
-    tokens = u[:, win_pos]  # [B, nW, A, C]
-    sim = jnp.einsum("bwkc,bwlc->bwkl", tokens, tokens)
-    others = jnp.where(np.eye(A, dtype=bool), 0.0, sim).sum(-1) / (A - 1)
+        return jnp.zeros((B, nW), jnp.int32)
+    # Sum over the others l of u_k . u_l = u_k . (window sum - u_k): elementwise products
+    # reduced over the channels (lane-wide vector work), not A x A matmuls per window,
+    # which a TPU's MXU would pad to whole 8 x 128 tiles.
+    others = jnp.sum(tokens * (tokens.sum(2, keepdims=True) - tokens), axis=-1) / (A - 1)
     return jnp.argmax(others, axis=-1).astype(jnp.int32)
+
+
+def window_tokens(x, hw, window):
+    """``[B, h * w, C] -> [B, nW, A, C]``: the tokens of each whole window in
+    `window_tables` order, by a reshape and a transpose of the grid (no gather)."""
+    (h, w), (wh, ww) = hw, window
+    B, C = x.shape[0], x.shape[-1]
+    nh, nw = h // wh, w // ww
+    grid = x.reshape(B, h, w, C)[:, :nh * wh, :nw * ww]
+    grid = grid.reshape(B, nh, wh, nw, ww, C).transpose(0, 1, 3, 2, 4, 5)
+    return grid.reshape(B, nh * nw, wh * ww, C)
 
 
 def retom_plan(u, hw, window, rep, r: int, matching: str, reach: int = 1) -> Plan:
@@ -239,22 +251,29 @@ def retom_plan(u, hw, window, rep, r: int, matching: str, reach: int = 1) -> Pla
     src_pos = jnp.concatenate(
         [others.reshape(B, -1), jnp.broadcast_to(outside, (B, n_out))], axis=1
     )
-    u_src = _take(u, others.reshape(B, -1))
+    # Windows by reshape (no token gather); each window's representative picked by a
+    # one-hot select over its A tokens. Similarities are elementwise products summed over
+    # the channels: the per-window products are too small for a TPU's MXU tiles.
+    tokens = window_tokens(u, hw, window)  # [B, nW, A, C]
+    pick = jnp.arange(A) == rep[..., None]  # [B, nW, A]
+    u_rep = jnp.sum(jnp.where(pick[..., None], tokens, 0.0), axis=2)  # [B, nW, C]
     if matching == "local":
-        u_rep = jnp.repeat(_take(u, rep_pos), A - 1, axis=1)
-        score = jnp.sum(u_src * u_rep, axis=-1)
+        sim = jnp.sum(tokens * u_rep[:, :, None], axis=-1)  # [B, nW, A]
+        score = jnp.take_along_axis(sim, k + (k >= rep[..., None]), axis=2).reshape(B, -1)
         match = jnp.broadcast_to(jnp.repeat(jnp.arange(nW), A - 1), score.shape)
     elif matching == "near":
         near, valid = neighbour_windows(hw, window, reach)  # [nW, K]
-        cand = _take(u, rep_pos)[:, near]  # [B, nW, K, C]: the reps of the nearby windows
-        sim = jnp.einsum("bwac,bwkc->bwak", u_src.reshape(B, nW, A - 1, -1), cand)
+        cand = u_rep[:, near]  # [B, nW, K, C]: the reps of the nearby windows
+        u_src = jnp.take_along_axis(tokens, (k + (k >= rep[..., None]))[..., None], axis=2)
+        sim = jnp.sum(u_src[:, :, :, None] * cand[:, :, None], axis=-1)  # [B, nW, A-1, K]
         sim = jnp.where(valid[:, None, :], sim, -jnp.inf)
         best = sim.argmax(-1)  # [B, nW, A-1]: ties to the lowest window index
         score = sim.max(-1).reshape(B, -1)
         match = jnp.take_along_axis(jnp.asarray(near)[None], best.reshape(B, nW, -1),
                                     axis=2).reshape(B, -1)
     else:
-        sim = jnp.einsum("bsc,bdc->bsd", u_src, _take(u, rep_pos))
+        u_src = _take(u, others.reshape(B, -1))
+        sim = jnp.einsum("bsc,bdc->bsd", u_src, u_rep)  # [B, S, nW]: large, MXU-sized
         score, match = sim.max(-1), sim.argmax(-1)
     score = jnp.concatenate([score, jnp.full((B, n_out), -jnp.inf, score.dtype)], axis=1)
     match = jnp.concatenate([match, jnp.zeros((B, n_out), match.dtype)], axis=1)

@@ -51,8 +51,11 @@ IMPLEMENTATIONS = ("auto", "cudnn", "xla", "splash")
 # ``chunk_bytes=`` to `dot_product_attention`.
 XLA_CHUNK_BYTES = 1 << 28  # 256 MiB
 
-# "auto" picks splash on TPU from this many query tokens on (XLA below).
-SPLASH_MIN_TOKENS = 4096
+# "auto" picks splash on TPU from this many query tokens on (XLA below). Low enough that
+# merged self-attention keeps the kernel: at 4,096 a 64 x 64 grid merged by half (2,048
+# tokens) fell back to XLA, which writes its float32 logits to HBM, and the roofline
+# estimate of the merged UNet call on a v5e came out 14x the unmerged one.
+SPLASH_MIN_TOKENS = 1024
 # Head sizes above this fall back to XLA (the kernel's VMEM tiles grow with the head size).
 SPLASH_MAX_HEAD_DIM = 256
 # Candidate block sizes along a sequence, largest first (multiples of the 128 lanes).
