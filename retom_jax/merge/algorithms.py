@@ -115,8 +115,15 @@ def matching_plan(src_pos, dst_pos, score, match, r: int) -> Plan:
                 merged_slot.astype(jnp.int32), slot_of, count)
 
 
-def plan_functions(plan: Plan) -> tuple[Callable, Callable]:
-    """The ``(merge, unmerge)`` pair that carries out a plan."""
+def plan_functions(plan: Plan, windows=None) -> tuple[Callable, Callable]:
+    """The ``(merge, unmerge)`` pair that carries out a plan.
+
+    ``windows``: ``(hw, window)`` when the plan's dsts are one per whole window (in window
+    order, the last ``nW`` slots) and every source merged into a dst lies in its window
+    (ReToM's local matching). Then a dst slot is a masked sum over its window's tokens
+    (a reshape of the grid and a reduction) instead of a scatter-add of the merged
+    sources: the same means, summed in window order.
+    """
     B, N = plan.slot_of.shape
     M = plan.out_pos.shape[1]
 
@@ -124,12 +131,23 @@ def plan_functions(plan: Plan) -> tuple[Callable, Callable]:
         if x.ndim != 3 or x.shape[:2] != (B, n):
             raise ValueError(f"{name} expects [{B}, {n}, channels] tokens, got shape {x.shape}")
 
+    if windows is not None:
+        hw, window = windows
+        slots = window_tokens(plan.slot_of[..., None], hw, window)[..., 0]  # [B, nW, A]
+        nW = slots.shape[1]
+        into = slots == (M - nW) + jnp.arange(nW)[:, None]  # in the window's dst
+
     def merge(x):
         check(x, N, "merge")
         acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-        acc = _take(x, plan.out_pos).astype(acc_dtype)
-        sources = _take(x, plan.merged_pos).astype(acc_dtype)
-        acc = jax.vmap(lambda a, s, v: a.at[s].add(v))(acc, plan.merged_slot, sources)
+        if windows is None:
+            acc = _take(x, plan.out_pos).astype(acc_dtype)
+            sources = _take(x, plan.merged_pos).astype(acc_dtype)
+            acc = jax.vmap(lambda a, s, v: a.at[s].add(v))(acc, plan.merged_slot, sources)
+        else:
+            kept = _take(x, plan.out_pos[:, :M - nW]).astype(acc_dtype)
+            grouped = jnp.where(into[..., None], window_tokens(x, hw, window), 0)
+            acc = jnp.concatenate([kept, grouped.astype(acc_dtype).sum(2)], axis=1)
         return (acc / plan.count[..., None].astype(acc_dtype)).astype(x.dtype)
 
     def unmerge(x):

@@ -245,6 +245,10 @@ class ReToM(MergeMethod):
 
     # -- planning
 
+    def _windows(self, hw, window):
+        """`plan_functions`' ``windows`` for local matching (merges stay in a window)."""
+        return (tuple(hw), window) if self.matching == "local" else None
+
     def representatives(self, metric, hw, *, downsample: int = 1):
         """``[B, nW]`` int32: each whole window's representative (`retom_representatives`)."""
         check_tokens(metric, hw, "metric")
@@ -261,7 +265,8 @@ class ReToM(MergeMethod):
             return IDENTITY
         window, u = self.window_for(downsample), unit_rows(metric)
         rep = retom_representatives(u, tuple(hw), window)
-        return plan_functions(retom_plan(u, tuple(hw), window, rep, r, self.matching, self.reach))
+        return plan_functions(retom_plan(u, tuple(hw), window, rep, r, self.matching, self.reach),
+                              self._windows(hw, window))
 
     # -- reuse over denoising steps
 
@@ -322,7 +327,7 @@ class ReToM(MergeMethod):
             fresh = retom_plan(u, tuple(hw), window, rep, r, self.matching, self.reach)
             plan = jax.tree.map(lambda c, f: jnp.where(use_cache, c, f), cache["plan"], fresh)
             new_cache = {"plan": plan}
-        merge, unmerge = plan_functions(plan)
+        merge, unmerge = plan_functions(plan, self._windows(hw, window))
         return merge, unmerge, new_cache
 
     def for_block(self, tokens, grid, downsample, key=None, cache=None, use_cache=False):
