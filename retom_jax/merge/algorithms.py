@@ -131,6 +131,7 @@ def plan_functions(plan: Plan, windows=None) -> tuple[Callable, Callable]:
         if x.ndim != 3 or x.shape[:2] != (B, n):
             raise ValueError(f"{name} expects [{B}, {n}, channels] tokens, got shape {x.shape}")
 
+    hw, window, nW, into = None, None, 0, None
     if windows is not None:
         hw, window = windows
         slots = window_tokens(plan.slot_of[..., None], hw, window)[..., 0]  # [B, nW, A]
