@@ -44,6 +44,9 @@ def add_parser(sub):
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale; <= 1 turns guidance off (default: "
                         "the model's, 7.5; the demo model's 3)")
+    g.add_argument("--true-cfg-scale", type=float, default=None,
+                   help="Flux: diffusers' true classifier-free guidance with --negative-prompt "
+                        "(above 1; the negative rows double the transformer batch)")
     g.add_argument("--height", type=image_side, default=None,
                    help="image height in pixels, a multiple of 8 (default: the model's)")
     g.add_argument("--width", type=image_side, default=None,
@@ -168,6 +171,9 @@ def generate(args, parser) -> int:
           + (f" with {len(args.lora)} LoRA file(s)" if args.lora else ""))
     if isinstance(pipe, FluxPipeline):
         return _generate_flux(args, parser, pipe, paths)
+    if args.true_cfg_scale is not None:
+        parser.error(f"--true-cfg-scale: not supported for a {type(pipe).__name__} (use "
+                     f"--guidance)")
     options = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, height=args.height, width=args.width,
                    num_images_per_prompt=args.num_images, merge=None, output_type="pil",
@@ -206,15 +212,15 @@ def generate(args, parser) -> int:
 def _generate_flux(args, parser, pipe, paths) -> int:
     """``generate`` for a diffusion transformer pipeline (Flux, and SD3 which shares its
     machinery): of the SD call options only --init-image / --strength (image-to-image);
-    Flux takes no negative prompt (distilled guidance); the merge method merges attention
-    and MLP (where merging pays in a transformer, see docs/transformers.md)."""
+    Flux's negative prompt needs --true-cfg-scale (diffusers' true CFG); the merge method
+    merges attention and MLP (where merging pays in a transformer, see docs/transformers.md)."""
     import dataclasses
 
     image_options = {k: v for k, v in feature_options(args).items()
                      if k in ("image", "strength")}
     unsupported = [FEATURE_FLAGS[k] for k in feature_options(args) if k not in image_options]
-    if args.negative_prompt is not None and type(pipe) is FluxPipeline:
-        unsupported.append("--negative-prompt")
+    if args.true_cfg_scale is not None and type(pipe) is not FluxPipeline:
+        unsupported.append("--true-cfg-scale")
     if args.merge_map:
         unsupported.append("--merge-map")
     if unsupported:
@@ -223,6 +229,8 @@ def _generate_flux(args, parser, pipe, paths) -> int:
         merge = merge_from_args(args, 1)
         if merge is not None and hasattr(merge, "merge_mlp"):
             merge = dataclasses.replace(merge, merge_mlp=True)
+        if args.true_cfg_scale is not None:
+            image_options["true_cfg_scale"] = args.true_cfg_scale
         options = dict(negative_prompt=args.negative_prompt,
                        num_inference_steps=args.steps, guidance_scale=args.guidance,
                        height=args.height, width=args.width,

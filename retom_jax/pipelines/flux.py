@@ -16,7 +16,8 @@ in float32) and the VAE decode. Its static configuration (`FluxConfig`) selects 
 compiled program; prompts, seeds, latents and the guidance scale are arguments.
 ``progress=True`` runs the same step function from a Python loop with a progress line.
 Guidance is the distilled guidance of dev (an input of the transformer, no second
-batch); schnell has none. diffusers' "true CFG" (negative prompts) is not implemented.
+batch); schnell has none. diffusers' "true CFG" (``true_cfg_scale`` > 1 with a
+``negative_prompt``) runs the positive and negative rows as one doubled batch.
 ``image=`` / ``strength=`` run image-to-image as diffusers' ``FluxImg2ImgPipeline`` (the
 loop starts into the schedule: `FluxSampleConfig.start`); ``load_lora`` fuses LoRA files
 (peft or kohya layout) into the transformer. See docs/transformers.md.
@@ -56,6 +57,7 @@ class FluxSampleConfig:
     merge: MergeMethod | None
     decode: bool
     start: int = 0  # image-to-image: the schedule index the loop starts at
+    true_cfg: bool = False  # diffusers' true CFG: rows [prompts; negative prompts]
 
 
 def pack(latents):
@@ -157,14 +159,18 @@ class FluxPipeline:
     def _step(self, static: FluxSampleConfig, params, cond, i, carry, key):
         x, state, merge_state = carry
         tr = self.transformer
-        b = x.shape[0]
-        timestep = jnp.broadcast_to(state.timesteps[i], (b,)).astype(_F32) / 1000
+        x_in = jnp.concatenate([x, x]) if static.true_cfg else x
+        timestep = jnp.broadcast_to(state.timesteps[i], (x_in.shape[0],)).astype(_F32) / 1000
         step_key = None if key is None else jax.random.fold_in(key, i)
-        out = tr.apply(params["transformer"], x.astype(tr.dtype), cond["embeds"],
+        out = tr.apply(params["transformer"], x_in.astype(tr.dtype), cond["embeds"],
                        cond["pooled"], timestep, cond["img_ids"], cond["txt_ids"],
                        cond["guidance"], merge=static.merge, merge_state=merge_state,
                        key=step_key, grid=static.grid)
-        x, state = self.scheduler.step(state, out.sample.astype(_F32), i, x)
+        pred = out.sample.astype(_F32)
+        if static.true_cfg:  # diffusers: neg + s * (pos - neg), both passes in one batch
+            pos, neg = jnp.split(pred, 2)
+            pred = neg + cond["true_cfg_scale"] * (pos - neg)
+        x, state = self.scheduler.step(state, pred, i, x)
         return x.astype(_F32), state, out.merge_state
 
     def _decode(self, params, packed, static: FluxSampleConfig):
@@ -213,12 +219,11 @@ class FluxPipeline:
                              f"({img_h}x{img_w}): resize the image instead")
         return images, strength, img_h, img_w
 
-    def _img2img_latents(self, static, vae_params, images, state, key):
+    def _img2img_latents(self, rows, vae_params, images, state, start, key):
         """``(latents, loop key)``: ``images`` encoded (a posterior sample, shifted and
-        scaled as the decoder undoes), gathered to the batch rows ``static[1]``, noised
-        to ``sigmas[static[0]]`` with ``scale_noise`` (diffusers' img2img
-        ``prepare_latents``), in the loop's layout."""
-        start, rows = static
+        scaled as the decoder undoes), gathered to the batch rows ``rows`` (static), noised
+        to ``sigmas[start]`` (traced: one program for every strength) with
+        ``scale_noise`` (diffusers' img2img ``prepare_latents``), in the loop's layout."""
         k_post, k_noise, k_loop = features.img2img_keys(key)
         z = self.vae.apply_encode(vae_params, images).sample(k_post).astype(_F32)
         z = self.vae.config.to_model_latents(z)[jnp.asarray(rows)]
@@ -232,17 +237,45 @@ class FluxPipeline:
         start = features.flow_img2img_start(steps, strength)
         per = batch // images.shape[0]
         rows = tuple(i for i in range(images.shape[0]) for _ in range(per))
-        return (start, *self._img2img_jit((start, rows), self.vae.params,
-                                          jnp.asarray(images), state, key))
+        return (start, *self._img2img_jit(rows, self.vae.params, jnp.asarray(images), state,
+                                          jnp.int32(start), key))
+
+    # -- true CFG
+
+    @staticmethod
+    def _check_true_cfg(scale, negative_prompt, prompt):
+        """``(true_cfg_scale, negative prompts or None)``: diffusers' true CFG runs when
+        ``true_cfg_scale > 1`` with a negative prompt (one string for every prompt, or one
+        per prompt); either without the other is an error here (diffusers ignores it)."""
+        scale = 1.0 if scale is None else scale
+        if (isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer,
+                                                               np.floating))
+                or not np.isfinite(scale)):
+            raise ValueError(f"true_cfg_scale must be a finite number, got {scale!r}")
+        if negative_prompt is None:
+            if scale > 1:
+                raise ValueError(f"true_cfg_scale={scale} needs negative_prompt (true CFG "
+                                 f"steers away from it): give one or drop true_cfg_scale")
+            return float(scale), None
+        if scale <= 1:
+            raise ValueError("negative_prompt needs true_cfg_scale above 1 (diffusers' true "
+                             "CFG, a second transformer pass); Flux's distilled guidance "
+                             "(guidance_scale) takes none")
+        n_prompts = len(prompt) if isinstance(prompt, (list, tuple)) else 1
+        negatives = ([negative_prompt] * n_prompts if isinstance(negative_prompt, str)
+                     else list(negative_prompt))
+        if len(negatives) != n_prompts or not all(isinstance(p, str) for p in negatives):
+            raise ValueError(f"negative_prompt must be a string or {n_prompts} strings (one "
+                             f"per prompt), got {negative_prompt!r}")
+        return float(scale), negatives
 
     # -- the call
 
     def _prepare(self, prompt, num_inference_steps, guidance_scale, height, width,
                  num_images_per_prompt, seed, key, latents, max_sequence_length, merge,
-                 output_type, mu, negative_prompt=None, image=None, strength=None):
-        if negative_prompt is not None:
-            raise ValueError("negative_prompt: Flux's distilled guidance takes none (diffusers' "
-                             "true CFG is not implemented)")
+                 output_type, mu, negative_prompt=None, image=None, strength=None,
+                 true_cfg_scale=None):
+        true_cfg_scale, negatives = self._check_true_cfg(true_cfg_scale, negative_prompt, prompt)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -267,6 +300,10 @@ class FluxPipeline:
         grid = (height // step, width // step)
         embeds, pooled = self.encode_prompt(prompt, num_images_per_prompt, max_sequence_length)
         b = embeds.shape[0]
+        if negatives is not None:  # true CFG: the negative rows after the positive ones
+            neg, neg_pooled = self.encode_prompt(negatives, num_images_per_prompt,
+                                                 max_sequence_length)
+            embeds, pooled = jnp.concatenate([embeds, neg]), jnp.concatenate([pooled, neg_pooled])
         n, d = grid[0] * grid[1], self.latent_channels * 4
         if key is not None and seed is not None:
             raise ValueError("pass either seed or key, not both")
@@ -297,18 +334,20 @@ class FluxPipeline:
         guidance = None
         if tc.guidance_embeds:
             g = self.default_guidance_scale if guidance_scale is None else guidance_scale
-            guidance = jnp.full((b,), g, _F32)
+            guidance = jnp.full((embeds.shape[0],), g, _F32)
         cond = {"embeds": embeds, "pooled": pooled, "guidance": guidance,
                 "img_ids": jnp.asarray(image_ids(*grid)),
                 "txt_ids": jnp.zeros((embeds.shape[1], 3), _F32)}
+        if negatives is not None:
+            cond["true_cfg_scale"] = jnp.asarray(true_cfg_scale, _F32)
         static = FluxSampleConfig(num_inference_steps, b, grid, embeds.shape[1], merge,
-                                  output_type != "latent", start)
+                                  output_type != "latent", start, negatives is not None)
         if merge is not None:
             self.transformer.check_merge(merge, grid, key=k_loop)
         merge_state = None
         if merge is not None and merge.carries_cache:
-            merge_state = self.transformer.init_merge_state((b, n, d), embeds.shape, merge,
-                                                            grid=grid)
+            merge_state = self.transformer.init_merge_state((embeds.shape[0], n, d),
+                                                            embeds.shape, merge, grid=grid)
         needs_key = merge is not None and getattr(merge, "use_rand", False)
         return static, (cond, latents, state, merge_state, k_loop if needs_key else None)
 
@@ -327,33 +366,38 @@ class FluxPipeline:
     def compile(self, prompt="", num_inference_steps: int = 28, guidance_scale=None,
                 height=None, width=None, num_images_per_prompt: int = 1, *,
                 negative_prompt=None, max_sequence_length: int | None = None, merge=None,
-                output_type="pil", mu=None, image=None, strength=None) -> float:
+                output_type="pil", mu=None, image=None, strength=None,
+                true_cfg_scale=None) -> float:
         """Compile the sampling program a call with these settings runs (prompts, seeds,
         images and guidance values do not matter; an image-to-image call's program
         depends on the number of steps its strength runs); returns the seconds spent."""
         static, args = self._prepare(prompt, num_inference_steps, guidance_scale, height,
                                      width, num_images_per_prompt, None, None, None,
                                      max_sequence_length or self.max_sequence_length, merge,
-                                     output_type, mu, negative_prompt, image, strength)
+                                     output_type, mu, negative_prompt, image, strength,
+                                     true_cfg_scale)
         return self._program(static, args)[1]
 
     def __call__(self, prompt, num_inference_steps: int = 28, guidance_scale=None,
                  height=None, width=None, num_images_per_prompt: int = 1, *,
                  negative_prompt=None, seed=None, key=None, latents=None,
                  max_sequence_length: int | None = None, merge=None, output_type: str = "pil",
-                 progress: bool = False, mu=None, image=None,
-                 strength=None) -> PipelineOutput:
+                 progress: bool = False, mu=None, image=None, strength=None,
+                 true_cfg_scale=None) -> PipelineOutput:
         """Generate images. ``latents``: packed ``[B, N, 64]`` (diffusers' form) or NCHW;
         ``guidance_scale`` (dev only; default 3.5); ``mu``: the shift (default: from the
         image size, as diffusers). ``image`` + ``strength`` (in (0, 1], default 0.6):
         image-to-image as diffusers' ``FluxImg2ImgPipeline`` (a PIL image, file path or
-        HWC/NHWC array, one or one per prompt; its size sets the output's). Returns a
-        `PipelineOutput` (``"latent"``: the packed latents)."""
+        HWC/NHWC array, one or one per prompt; its size sets the output's).
+        ``true_cfg_scale`` > 1 with ``negative_prompt``: diffusers' true CFG
+        (``neg + s * (pos - neg)``, positive and negative rows in one transformer batch; the
+        scale is traced). Returns a `PipelineOutput` (``"latent"``: the packed latents)."""
         t0 = time.perf_counter()
         static, args = self._prepare(prompt, num_inference_steps, guidance_scale, height,
                                      width, num_images_per_prompt, seed, key, latents,
                                      max_sequence_length or self.max_sequence_length, merge,
-                                     output_type, mu, negative_prompt, image, strength)
+                                     output_type, mu, negative_prompt, image, strength,
+                                     true_cfg_scale)
         compile_s = 0.0
         if progress:
             out = self._interactive(static, *args)

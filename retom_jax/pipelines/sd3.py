@@ -118,8 +118,12 @@ class StableDiffusion3Pipeline(FluxPipeline):
 
     def _prepare(self, prompt, num_inference_steps, guidance_scale, height, width,
                  num_images_per_prompt, seed, key, latents, max_sequence_length, merge,
-                 output_type, mu, negative_prompt=None, image=None, strength=None):
+                 output_type, mu, negative_prompt=None, image=None, strength=None,
+                 true_cfg_scale=None):
         """As `FluxPipeline`'s, with classifier-free guidance and ``negative_prompt``."""
+        if true_cfg_scale is not None:
+            raise ValueError("true_cfg_scale is Flux's; SD3 guides with guidance_scale and "
+                             "negative_prompt")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
