@@ -166,3 +166,24 @@ def test_async_copies_count_what_they_move():
     assert r.bytes == pytest.approx(2 * one)
     assert sum(r.by_source.values()) == pytest.approx(r.seconds)
     assert set(r.by_source) == {"slice-start", "copy-start"}
+
+
+SPLASH_HLO = """HloModule jit_h
+
+ENTRY %main (q: bf16[16,2048,128], k: bf16[16,2048,128], v: bf16[16,2048,128]) -> bf16[16,2048,128] {
+  %m = s8[1,4,4]{2,1,0:T(4,128)(4,1)} parameter(3)
+  %q = bf16[16,2048,128]{2,1,0:T(8,128)(2,1)} parameter(0)
+  %k = bf16[16,2048,128]{2,1,0:T(8,128)(2,1)} parameter(1)
+  %v = bf16[16,2048,128]{2,1,0:T(8,128)(2,1)} parameter(2)
+  %splash_mha_fwd_no_residuals.3 = (f32[512,128]{1,0:T(8,128)}, bf16[16,2048,128]{2,1,0:T(8,128)(2,1)}) custom-call(%m, %m, %q, %k, %v), custom_call_target="tpu_custom_call"
+  ROOT %o = bf16[16,2048,128]{2,1,0:T(8,128)(2,1)} get-tuple-element(%splash_mha_fwd_no_residuals.3), index=1
+}
+"""
+
+
+def test_splash_kernels_count_their_flops():
+    """A splash call is known by its name; its flops come from q and k, not from the int8
+    block masks that come first among its operands."""
+    r = roofline.roofline(SPLASH_HLO, peak_flops=1e14, hbm_bandwidth=1e12)
+    assert r.splash_calls == 1
+    assert r.flops == pytest.approx(4 * 16 * 2048 * 2048 * 128)

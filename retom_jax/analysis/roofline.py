@@ -179,10 +179,15 @@ def dot_flops(ins: Instr) -> float:
     return 2.0 * math.prod(out[0][1]) * math.prod(rhs) / max(rhs[o], 1)
 
 
+_FLOATS = ("bf16", "f16", "f32")
+
+
 def splash_flops(ins: Instr) -> float:
-    """4 * heads * q_tokens * kv_tokens * head_dim of a splash kernel's q [h, tq, d] and
-    k [h, tk, d] (its first two 3-d operands); 0 when the shapes do not say."""
-    ops = [dims for _, dims in shapes_in(ins.operand_types) if len(dims) == 3]
+    """4 * heads * q_tokens * kv_tokens * head_dim of a splash kernel, from its first two
+    floating-point 3-d operands, q [h, tq, d] and k [h, tk, d] (the kernel's block masks
+    before them are int8 and its segment ids int32); 0 when the shapes do not say."""
+    ops = [dims for dtype, dims in shapes_in(ins.operand_types)
+           if len(dims) == 3 and dtype in _FLOATS]
     if len(ops) < 2:
         return 0.0
     (h, tq, d), (_, tk, _) = ops[0], ops[1]
@@ -190,7 +195,10 @@ def splash_flops(ins: Instr) -> float:
 
 
 def is_splash(ins: Instr) -> bool:
-    return ins.op == "custom-call" and "splash" in ins.rest.lower()
+    """A splash kernel: a Mosaic custom call whose instruction name or kernel metadata
+    says splash (``%splash_mha_fwd_no_residuals.3 = ... custom-call(...)``)."""
+    return ins.op == "custom-call" and ("splash" in ins.name.lower()
+                                        or "splash" in ins.rest.lower())
 
 
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
