@@ -28,29 +28,11 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-
-FLUX_DEV = dict(num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                in_channels=64, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
-                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                   caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-                   pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
-                   qk_norm="rms_norm")
-TINY = dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=32, pooled_projection_dim=16, in_channels=16,
-            guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-
-
-def methods(ratio: float) -> dict:
-    from retom_jax import ReToM, ToDo, ToMe
-    return {
-        "none": None,
-        "retom": ReToM(ratio=ratio, window=(2, 2), merge_mlp=True),
-        "retom_attn": ReToM(ratio=ratio, window=(2, 2)),
-        "tome": ToMe(ratio=ratio, use_rand=False, merge_mlp=True),
-        "todo": ToDo(factor=2),
-    }
+from retom_jax.analysis.tpu_transformers import FLUX_TINY as TINY  # noqa: E402
+from retom_jax.analysis.tpu_transformers import SD3_TINY  # noqa: E402
+from retom_jax.analysis.tpu_transformers import transformer_methods as methods  # noqa: E402
+from retom_jax.models.flux import FLUX_DEV  # noqa: E402 - the real architectures
+from retom_jax.models.sd3 import SD35_MEDIUM  # noqa: E402
 
 
 def sd3_cost(model, merge, batch, grid, text):
@@ -107,11 +89,8 @@ def main(argv=None):
     if args.text is None:
         args.text = 333 if sd3 else 512
     if sd3:
-        tiny = dict(TINY, caption_projection_dim=32, pos_embed_max_size=64, num_layers=2,
-                    dual_attention_layers=(0,), qk_norm="rms_norm")
-        for k in ("num_single_layers", "guidance_embeds", "axes_dims_rope"):
-            tiny.pop(k)
-        model = abstract_sd3_transformer(tiny if args.tiny else SD35_MEDIUM, dtype=args.dtype)
+        model = abstract_sd3_transformer(SD3_TINY if args.tiny else SD35_MEDIUM,
+                                         dtype=args.dtype)
         measure = sd3_cost
     else:
         model = abstract_flux_transformer(TINY if args.tiny else FLUX_DEV, dtype=args.dtype)

@@ -39,6 +39,7 @@ __all__ = [
     "AXES", "LOGICAL_AXIS_RULES", "MIN_SHARD_SIZE", "make_mesh", "parse_mesh", "logical_spec",
     "param_logical_axes", "param_spec", "param_placement", "shard_params", "padded_batch",
     "check_split", "initialize_distributed", "mesh_shape", "to_host", "shard_batch",
+    "abstract_params",
 ]
 
 AXES = ("data", "fsdp", "spatial")
@@ -234,7 +235,17 @@ def flat_path(keypath) -> tuple:
             out.append(str(k))
     return tuple(out)
 
+def abstract_params(params, mesh: Mesh | None = None, min_size: int | None = None):
+    """``params`` (any pytree of arrays or shapes) as ``jax.ShapeDtypeStruct`` leaves,
+    placed on ``mesh`` by the rules (no sharding without a mesh): what a program lowered
+    for a mesh without weights takes (``analysis.tpu``)."""
+    place = param_placement(mesh, min_size)
 
+    def leaf(keypath, a):
+        shape = tuple(np.shape(a))
+        return jax.ShapeDtypeStruct(shape, a.dtype, sharding=None if place is None else
+                                    place(flat_path(keypath), shape))
+    return jax.tree_util.tree_map_with_path(leaf, params)
 
 
 def shard_params(params, mesh: Mesh, min_size: int | None = None):

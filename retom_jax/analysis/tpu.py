@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .tpu_transformers import TRANSFORMER_MODELS, transformer_program
+
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several processes may load it
 
 __all__ = ["CHIPS", "Chip", "chip_for", "topology_devices", "tpu_mesh", "abstract_unet",
@@ -147,7 +149,10 @@ _SDXL_UNET = {
 _SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
-MODELS = ("demo", "sd15", "sd2", "sdxl")
+UNET_MODELS = ("demo", "sd15", "sd2", "sdxl")
+# The diffusion transformers (``--program transformer``): `tpu_transformers`.
+MODELS = UNET_MODELS + tuple(TRANSFORMER_MODELS)
+PROGRAMS = ("unet", "pipeline", "transformer")
 TEXT_TOKENS = 77
 SDXL_POOLED = 1280  # text_encoder_2's projection: SDXL's text_embeds width
 
@@ -158,7 +163,9 @@ def _unet_config(model: str):
 
     table = {"demo": DEMO_UNET, "sd15": _SD15_UNET, "sd2": _SD2_UNET, "sdxl": _SDXL_UNET}
     if model not in table:
-        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+        raise ValueError(f"the unet and pipeline programs take a UNet model ("
+                         f"{', '.join(UNET_MODELS)}), not {model!r}; a transformer runs "
+                         f"with --program transformer")
     return UNetConfig.from_dict(dict(table[model]))
 
 
@@ -408,8 +415,11 @@ def analyse(compiled, chip: Chip) -> dict:
     mem = compiled.memory_analysis()
     cost = _first(compiled.cost_analysis()) or {}
     roof = roofline(text, chip.peak_bf16_flops, chip.hbm_bandwidth)
+    splash_calls = sum(1 for line in text.splitlines()
+                       if "custom-call(" in line and "splash" in line.lower())
     row = {
-        "splash": "splash" in text.lower() and "custom-call" in text,
+        "splash": splash_calls > 0,
+        "splash_calls": splash_calls,  # call sites in the program text
         "argument_bytes": int(mem.argument_size_in_bytes),
         "temp_bytes": int(mem.temp_size_in_bytes),
         "output_bytes": int(mem.output_size_in_bytes),
@@ -477,8 +487,9 @@ def compile_row(program: str, model: str, topology: str, mesh_text: str, method:
                 size: int, batch: int, steps: int = 30, ratio: float = 0.5,
                 dtype=jnp.bfloat16, keep_text: bool = False) -> dict:
     """Compile one program (``"unet"``: one UNet call; ``"pipeline"``: the sampling loop
-    and the decoder) for ``topology`` / ``mesh_text`` and return its row. A program that
-    does not compile gives ``compiled`` = the one-line reason."""
+    and the decoder; ``"transformer"``: one call of a diffusion transformer, ``model``
+    one of `TRANSFORMER_MODELS`) for ``topology`` / ``mesh_text`` and return its row. A
+    program that does not compile gives ``compiled`` = the one-line reason."""
     chip = chip_for(topology)
     row = {"program": program, "model": model, "topology": topology, "mesh": mesh_text,
            "method": method, "size": size, "batch": batch, "ratio": ratio,
@@ -496,8 +507,12 @@ def compile_row(program: str, model: str, topology: str, mesh_text: str, method:
             pipe = abstract_pipeline(model, mesh, dtype)
             merge = make_method(method, ratio, _first_level(pipe.unet.config))
             jitted, args = pipeline_program(pipe, merge, batch, size, steps)
+        elif program == "transformer":
+            jitted, args, info = transformer_program(model, mesh, method, size=size,
+                                                     batch=batch, ratio=ratio, dtype=dtype)
+            row.update(info)
         else:
-            raise ValueError(f"unknown program {program!r}: unet or pipeline")
+            raise ValueError(f"unknown program {program!r}: {', '.join(PROGRAMS)}")
         t0 = time.perf_counter()
         lowered = jitted.lower(*args)
         compiled = lowered.compile()
@@ -521,7 +536,7 @@ def run(programs=("unet", "pipeline"), models=("demo",), topologies=("v5e:2x2",)
     rows = []
     for program in programs:
         for model in models:
-            for size in sizes or [{"demo": 64, "sdxl": 1024}.get(model, 512)]:
+            for size in sizes or [_default_size(model)]:
                 for topology in topologies:
                     for mesh_text in meshes:
                         for method in methods:
@@ -532,6 +547,12 @@ def run(programs=("unet", "pipeline"), models=("demo",), topologies=("v5e:2x2",)
                             if on_row is not None:
                                 on_row(row)
     return rows
+
+
+def _default_size(model: str) -> int:
+    if model in TRANSFORMER_MODELS:
+        return 64 if model.endswith("tiny") else 1024
+    return {"demo": 64, "sdxl": 1024}.get(model, 512)
 
 
 # --------------------------------------------------------------------------- report
@@ -589,12 +610,15 @@ def build_parser(prog: str = "retom-jax bench tpu") -> argparse.ArgumentParser:
     p.add_argument("--mesh", nargs="+", default=["data=-1"],
                    help="mesh axes per run, e.g. data=4 / data=8,fsdp=2 / spatial=8")
     p.add_argument("--model", nargs="+", default=["demo"], choices=MODELS)
-    p.add_argument("--program", nargs="+", default=["unet", "pipeline"],
-                   choices=["unet", "pipeline"])
+    p.add_argument("--program", nargs="+", default=["unet", "pipeline"], choices=PROGRAMS,
+                   help="unet / pipeline (UNet models); transformer (flux-dev, "
+                        "flux-schnell, sd35-medium: one transformer call)")
     p.add_argument("--methods", nargs="+", default=["none", "free", "retom"],
-                   choices=list(METHODS))
+                   choices=list(dict.fromkeys([*METHODS, "retom_attn"])),
+                   help="transformers: none, retom (merge_mlp), retom_attn, tome, todo")
     p.add_argument("--size", nargs="+", type=int, default=None,
-                   help="image sizes in px (default: 64 demo, 512 sd15/sd2, 1024 sdxl)")
+                   help="image sizes in px (default: 64 demo, 512 sd15/sd2, 1024 sdxl and "
+                        "the transformers)")
     p.add_argument("--batch", type=int, default=2, help="UNet batch for 'unet'; images "
                    "for 'pipeline' (guidance doubles the UNet's)")
     p.add_argument("--steps", type=int, default=30)

@@ -40,6 +40,7 @@ from flax import nnx
 
 from . import weights
 from .attention import check_implementation, dot_product_attention
+from .attention import target as attention_target
 from .layers import Identity, TimestepEmbedding, linear, timestep_embedding
 from ..merge import BlockMerge, MergeMethod
 from .unet import MergeContext
@@ -516,8 +517,9 @@ class FluxTransformer(weights.LoadedModel):
             paths = {id(m): ".".join(map(str, p)) for p, m in nnx.iter_modules(model)
                      if isinstance(m, (FluxTransformerBlock, FluxSingleTransformerBlock))}
             ctx = MergeContext(merge, grid, paths, key=key, state=merge_state, reuse=reuse)
-        out = model(hidden_states, encoder_hidden_states, pooled, timestep, img_ids, txt_ids,
-                    guidance, ctx, attention or self.attention, grid)
+        with attention_target(self.mesh):  # kernels for the mesh's platform, per shard
+            out = model(hidden_states, encoder_hidden_states, pooled, timestep, img_ids,
+                        txt_ids, guidance, ctx, attention or self.attention, grid)
         carried = merge is not None and merge.carries_cache
         return FluxOutput(out, ctx.new_state() if carried else None)
 
@@ -571,13 +573,25 @@ def init_flux_transformer(config: FluxConfig | dict, seed: int = 0, dtype=jnp.fl
 
 
 def abstract_flux_transformer(config: FluxConfig | dict, dtype=jnp.bfloat16,
-                              param_dtype=None, attention="auto") -> FluxTransformer:
+                              param_dtype=None, attention="auto", mesh=None) -> FluxTransformer:
     """Shapes only (``jax.ShapeDtypeStruct`` parameters): for lowering and cost analysis
-    of full-size architectures without making their weights."""
+    of full-size architectures without making their weights. ``mesh``: the shapes carry
+    the shardings the rules give them there (``sharding.param_placement``), and attention
+    is traced for the mesh's platform."""
+    from .. import sharding
+
     if isinstance(config, dict):
         config = FluxConfig.from_dict(config)
     dtype, param_dtype = weights.dtypes(dtype, param_dtype)
     graphdef, params = nnx.split(weights.abstract_module(_build(config, dtype, param_dtype)))
-    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    params = sharding.abstract_params(params, mesh)
     return FluxTransformer(config, graphdef, params, dtype=dtype, param_dtype=param_dtype,
-                           attention=attention)
+                           attention=attention, mesh=mesh)
+
+
+# The real architectures (diffusers' transformer/config.json of black-forest-labs'
+# FLUX.1-dev and FLUX.1-schnell; they differ only in the guidance embedding).
+FLUX_DEV = dict(num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                in_channels=64, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_SCHNELL = dict(FLUX_DEV, guidance_embeds=False)

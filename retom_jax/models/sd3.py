@@ -26,6 +26,7 @@ from flax import nnx
 
 from . import weights
 from .attention import check_implementation, dot_product_attention
+from .attention import target as attention_target
 from .layers import Identity, conv, linear
 from ..merge import BlockMerge, MergeMethod
 from .unet import MergeContext
@@ -258,8 +259,9 @@ class SD3Transformer(weights.LoadedModel):
                      if isinstance(m, JointTransformerBlock)}
             ctx = MergeContext(merge, self.grid(sample.shape), paths, key=key,
                                state=merge_state, reuse=reuse)
-        out = model(sample, encoder_hidden_states, pooled, timestep, ctx,
-                    attention or self.attention)
+        with attention_target(self.mesh):  # kernels for the mesh's platform, per shard
+            out = model(sample, encoder_hidden_states, pooled, timestep, ctx,
+                        attention or self.attention)
         carried = merge is not None and merge.carries_cache
         return SD3Output(out, ctx.new_state() if carried else None)
 
@@ -298,12 +300,24 @@ def load_sd3_transformer(path_or_repo_id, dtype=jnp.float32, param_dtype=None, *
 
 
 def abstract_sd3_transformer(config: SD3Config | dict, dtype=jnp.bfloat16,
-                             attention="auto") -> SD3Transformer:
-    """Shapes only, for lowering and cost analysis of full-size architectures."""
+                             attention="auto", mesh=None) -> SD3Transformer:
+    """Shapes only, for lowering and cost analysis of full-size architectures (``mesh``:
+    placed there by the sharding rules, as `abstract_flux_transformer`)."""
+    from .. import sharding
+
     if isinstance(config, dict):
         config = SD3Config.from_dict(config)
     dtype, param_dtype = weights.dtypes(dtype)
     graphdef, params = nnx.split(weights.abstract_module(_build(config, dtype, param_dtype)))
-    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    params = sharding.abstract_params(params, mesh)
     return SD3Transformer(config, graphdef, params, dtype=dtype, param_dtype=param_dtype,
-                          attention=attention)
+                          attention=attention, mesh=mesh)
+
+
+# The real architecture (diffusers' transformer/config.json of stabilityai's
+# stable-diffusion-3.5-medium).
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
+                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                   caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+                   pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+                   qk_norm="rms_norm")
