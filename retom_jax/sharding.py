@@ -183,6 +183,8 @@ def param_logical_axes(path, shape) -> tuple:
         return ("vector",) * len(shape)
     if leaf == "embedding" and len(shape) == 2:
         return ("vocab", "embed")
+    if leaf == "pos_embed" and len(shape) == 3:  # SD3's position table [1, m * m, D]
+        return (None, "vocab", "embed")
     if leaf in ("down", "up") and len(shape) == 2:  # LoRA adapters (retom_jax.train)
         return ("in", "rank") if leaf == "down" else ("rank", "out")
     if len(shape) == 2:   # Linear kernel (in, out)
@@ -224,8 +226,13 @@ def param_placement(mesh: Mesh | None, min_size: int | None = None):
 
 
 def flat_path(keypath) -> tuple:
-    """A pytree key path as a tuple of plain keys / names / indices (what the rules read)."""
+    """A pytree key path as a tuple of plain keys / names / indices (what the rules read).
+    An NNX variable's ``.value`` attribute is left out: the rules read the parameter's own
+    name (``embedding``, ``pos_embed``, ``down`` ...), as in a checkpoint's keys."""
     out = []
+    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and \
+            keypath[-1].name == "value":
+        keypath = keypath[:-1]
     for k in keypath:
         for attr in ("key", "name", "idx"):
             if hasattr(k, attr):
