@@ -39,7 +39,7 @@ __all__ = [
     "AXES", "LOGICAL_AXIS_RULES", "MIN_SHARD_SIZE", "make_mesh", "parse_mesh", "logical_spec",
     "param_logical_axes", "param_spec", "param_placement", "shard_params", "padded_batch",
     "check_split", "initialize_distributed", "mesh_shape", "to_host", "shard_batch",
-    "abstract_params",
+    "abstract_params", "token_constraint",
 ]
 
 AXES = ("data", "fsdp", "spatial")
@@ -330,6 +330,20 @@ def activation_constraint(mesh: Mesh | None):
     if mesh is None:
         return None
     sharding = NamedSharding(mesh, latent_spec(mesh, 4, 1))
+
+    def constrain(x):
+        return jax.lax.with_sharding_constraint(x, sharding)
+    return constrain
+
+
+def token_constraint(mesh: Mesh | None):
+    """``x -> x`` with ``[batch, tokens, channels]`` activations constrained to the batch
+    split over ``data`` x ``fsdp`` (a transformer's residual streams between blocks), or
+    None without a mesh. It keeps XLA on the FSDP pattern (weights gathered, activations
+    split by rows) instead of splitting activations along a split kernel's features."""
+    if mesh is None:
+        return None
+    sharding = NamedSharding(mesh, logical_spec(("batch", None, None), mesh))
 
     def constrain(x):
         return jax.lax.with_sharding_constraint(x, sharding)

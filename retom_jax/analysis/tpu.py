@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .tpu_transformers import TRANSFORMER_MODELS, transformer_program
+from .tpu_transformers import TRANSFORMER_MODELS, flux_pipeline_program, transformer_program
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several processes may load it
 
@@ -503,6 +503,11 @@ def compile_row(program: str, model: str, topology: str, mesh_text: str, method:
             merge = make_method(method, ratio, _first_level(unet.config))
             jitted, args = unet_call_program(unet, merge, batch, size,
                                              _vae_config(model).vae_scale_factor)
+        elif program == "pipeline" and model in TRANSFORMER_MODELS:
+            jitted, args, info = flux_pipeline_program(model, mesh, method, size=size,
+                                                       batch=batch, steps=steps, ratio=ratio,
+                                                       dtype=dtype)
+            row.update(info)
         elif program == "pipeline":
             pipe = abstract_pipeline(model, mesh, dtype)
             merge = make_method(method, ratio, _first_level(pipe.unet.config))
@@ -611,8 +616,9 @@ def build_parser(prog: str = "retom-jax bench tpu") -> argparse.ArgumentParser:
                    help="mesh axes per run, e.g. data=4 / data=8,fsdp=2 / spatial=8")
     p.add_argument("--model", nargs="+", default=["demo"], choices=MODELS)
     p.add_argument("--program", nargs="+", default=["unet", "pipeline"], choices=PROGRAMS,
-                   help="unet / pipeline (UNet models); transformer (flux-dev, "
-                        "flux-schnell, sd35-medium: one transformer call)")
+                   help="unet / pipeline (UNet models; pipeline also for flux-dev / "
+                        "flux-schnell); transformer (flux-dev, flux-schnell, sd35-medium: "
+                        "one transformer call)")
     p.add_argument("--methods", nargs="+", default=["none", "free", "retom"],
                    choices=list(dict.fromkeys([*METHODS, "retom_attn"])),
                    help="transformers: none, retom (merge_mlp), retom_attn, tome, todo")

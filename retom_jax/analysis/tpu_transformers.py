@@ -18,10 +18,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["TRANSFORMER_MODELS", "TEXT_TOKENS", "FLUX_TINY", "SD3_TINY", "transformer_methods",
-           "make_transformer_method", "transformer_config", "abstract_transformer",
-           "transformer_call_program", "transformer_program", "param_bytes"]
+__all__ = ["TRANSFORMER_MODELS", "TEXT_TOKENS", "FLUX_TINY", "SD3_TINY", "FLUX_VAE",
+           "FLUX_SCHEDULER", "transformer_methods", "make_transformer_method",
+           "transformer_config", "abstract_transformer", "transformer_call_program",
+           "transformer_program", "flux_pipeline_program", "param_bytes"]
 
 # Tiny architectures of the same classes (tests, smoke runs): one block of each kind,
 # 2 heads of the real head size (so splash takes them), 256 channels (so the sharding
@@ -43,6 +45,18 @@ TRANSFORMER_MODELS = {
     "flux-tiny": ("flux", FLUX_TINY),
     "sd3-tiny": ("sd3", SD3_TINY),
 }
+# Flux.1's autoencoder and scheduler (diffusers' vae/config.json and
+# scheduler/scheduler_config.json of FLUX.1-dev; schnell's VAE is the same).
+FLUX_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                latent_channels=16, norm_num_groups=32, sample_size=1024,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.3611,
+                shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+FLUX_TINY_VAE = dict(FLUX_VAE, block_out_channels=(32,) * 4, layers_per_block=1,
+                     latent_channels=FLUX_TINY["in_channels"] // 4)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                      base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096)
 # Text tokens per family: Flux's 512 T5 tokens; SD3's 77 CLIP + 256 T5.
 TEXT_TOKENS = {"flux": 512, "sd3": 333}
 
@@ -169,3 +183,64 @@ def transformer_program(model: str, mesh, method: str, *, size: int, batch: int,
             "text_tokens": text or TEXT_TOKENS[family], "merge": repr(merge),
             "param_bytes": total, "param_bytes_per_chip": per}
     return jitted, args, info
+
+
+def _abstract_flux_vae(mesh, dtype, tiny=False):
+    from flax import nnx
+
+    from .. import sharding
+    from ..models.vae import VAE, VAEConfig, build_vae_module
+
+    cfg = VAEConfig(**(FLUX_TINY_VAE if tiny else FLUX_VAE))
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: build_vae_module(cfg, dtype=dtype, param_dtype=dtype)))
+    return VAE(cfg, graphdef, sharding.abstract_params(state, mesh), dtype=dtype,
+               param_dtype=dtype, mesh=mesh)
+
+
+def flux_pipeline_program(model: str, mesh, method: str, *, size: int, batch: int,
+                          steps: int, ratio: float = 0.5, dtype=jnp.bfloat16,
+                          text: int | None = None):
+    """``(jitted, args, info)``: a Flux pipeline's whole sampling program as a call
+    compiles it (``FluxPipeline.sample_program``: ``steps`` flow-match Euler steps of the
+    transformer in a ``fori_loop``, then the VAE decode) for ``batch`` images of ``size``
+    px on ``mesh`` (the batch padded to data x fsdp and split over them), abstract
+    weights and inputs."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from .. import sharding
+    from ..pipelines.flux import FluxPipeline, FluxSampleConfig
+    from ..schedulers.flow_match import FlowMatchEuler
+
+    family, _ = transformer_config(model)
+    if family != "flux":
+        raise ValueError(f"--program pipeline takes a Flux model here, not {model!r}")
+    tr = abstract_transformer(model, mesh, dtype)
+    vae = _abstract_flux_vae(mesh, dtype, tiny=model.endswith("tiny"))
+    sched = FlowMatchEuler.from_config(FLUX_SCHEDULER)
+    pipe = FluxPipeline(tr, vae, None, None, None, None, sched)
+    pipe.mesh = mesh
+    merge = make_transformer_method(method, ratio)
+    text = text or TEXT_TOKENS["flux"]
+    rows = sharding.padded_batch(batch, mesh)
+    side = size // 16
+    n, cfg = side * side, tr.config
+    rep = NamedSharding(mesh, PartitionSpec())
+    f32 = jnp.float32
+    cond = {"embeds": _spec((rows, text, cfg.joint_attention_dim), dtype, mesh,
+                            ("batch", None, None)),
+            "pooled": _spec((rows, cfg.pooled_projection_dim), dtype, mesh, ("batch", None)),
+            "guidance": _spec((rows,), f32, mesh, ("batch",)) if cfg.guidance_embeds else None,
+            "img_ids": jax.ShapeDtypeStruct((n, 3), f32, sharding=rep),
+            "txt_ids": jax.ShapeDtypeStruct((text, 3), f32, sharding=rep)}
+    latents = _spec((rows, n, cfg.in_channels), f32, mesh, ("batch", None, None))
+    state = sched.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps),
+                                mu=sched.mu(n))
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=rep),
+                         state)
+    static = FluxSampleConfig(steps, rows, (side, side), text, merge, True)
+    args = (pipe.params(), cond, latents, state, None, None)
+    total, per = param_bytes(pipe.params())
+    info = {"rows": rows, "image_tokens": n, "text_tokens": text, "merge": repr(merge),
+            "param_bytes": total, "param_bytes_per_chip": per}
+    return pipe.sample_program(static), args, info

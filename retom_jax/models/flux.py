@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from . import weights
+from .. import sharding
 from .attention import check_implementation, dot_product_attention
 from .attention import target as attention_target
 from .layers import Identity, TimestepEmbedding, linear, timestep_embedding
@@ -373,8 +374,11 @@ class FluxTransformer2DModel(nnx.Module):
 
     def __call__(self, hidden_states, encoder_hidden_states, pooled, timestep, img_ids,
                  txt_ids, guidance=None, ctx: MergeContext | None = None, attention="auto",
-                 grid=None):
+                 grid=None, constrain=None):
+        """``constrain``: ``x -> x`` applied to both token streams between blocks (the
+        batch split of a mesh: `sharding.token_constraint`), or None."""
         cfg = self.config
+        constrain = constrain or (lambda a: a)
         b = hidden_states.shape[0]
         t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (b,)) * 1000
         g = None
@@ -383,12 +387,14 @@ class FluxTransformer2DModel(nnx.Module):
         temb = self.time_text_embed(t, g, pooled.astype(self.dtype))
         x = self.x_embedder(hidden_states.astype(self.dtype))
         c = self.context_embedder(encoder_hidden_states.astype(self.dtype))
+        x, c = constrain(x), constrain(c)
         image_ids = jnp.broadcast_to(img_ids.astype(jnp.float32), (b, *img_ids.shape[-2:]))
         inp = BlockInputs(temb, rope(txt_ids, cfg.axes_dims_rope), rope(img_ids, cfg.axes_dims_rope),
                           image_ids, cfg.axes_dims_rope, attention)
         for block in (*self.transformer_blocks, *self.single_transformer_blocks):
             bm = ctx.block(block, x, grid) if ctx is not None else BlockMerge()
             x, c = block(x, c, inp, bm)
+            x, c = constrain(x), constrain(c)
         shift_scale = self.norm_out(temb)
         scale, shift = shift_scale  # AdaLayerNormContinuous: scale first
         return self.proj_out(modulate(self.norm_out.norm, x, shift, scale))
@@ -519,7 +525,8 @@ class FluxTransformer(weights.LoadedModel):
             ctx = MergeContext(merge, grid, paths, key=key, state=merge_state, reuse=reuse)
         with attention_target(self.mesh):  # kernels for the mesh's platform, per shard
             out = model(hidden_states, encoder_hidden_states, pooled, timestep, img_ids,
-                        txt_ids, guidance, ctx, attention or self.attention, grid)
+                        txt_ids, guidance, ctx, attention or self.attention, grid,
+                        sharding.token_constraint(self.mesh))
         carried = merge is not None and merge.carries_cache
         return FluxOutput(out, ctx.new_state() if carried else None)
 
@@ -578,8 +585,6 @@ def abstract_flux_transformer(config: FluxConfig | dict, dtype=jnp.bfloat16,
     of full-size architectures without making their weights. ``mesh``: the shapes carry
     the shardings the rules give them there (``sharding.param_placement``), and attention
     is traced for the mesh's platform."""
-    from .. import sharding
-
     if isinstance(config, dict):
         config = FluxConfig.from_dict(config)
     dtype, param_dtype = weights.dtypes(dtype, param_dtype)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import weights
+from .. import sharding
 from .attention import check_implementation, dot_product_attention
 from .attention import target as attention_target
 from .layers import Identity, conv, linear
@@ -193,16 +194,20 @@ class SD3Transformer2DModel(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, sample, encoder_hidden_states, pooled, timestep, ctx=None,
-                 attention="auto"):
+                 attention="auto", constrain=None):
+        """``constrain``: as `FluxTransformer2DModel`'s (between blocks), or None."""
         cfg, p = self.config, self.config.patch_size
+        constrain = constrain or (lambda a: a)
         b = sample.shape[0]
         t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (b,))
         x, (h, w) = self.pos_embed(jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype))
         temb = self.time_text_embed(t, None, pooled.astype(self.dtype))
         c = self.context_embedder(encoder_hidden_states.astype(self.dtype))
+        x, c = constrain(x), constrain(c)
         for block in self.transformer_blocks:
             bm = ctx.block(block, x, (h, w)) if ctx is not None else BlockMerge()
             x, c = block(x, c, temb, bm, attention)
+            x, c = constrain(x), constrain(c)
         scale, shift = self.norm_out(temb)
         x = self.proj_out(modulate(self.norm_out.norm, x, shift, scale))
         x = x.reshape(b, h, w, p, p, cfg.out_channels)
@@ -261,7 +266,7 @@ class SD3Transformer(weights.LoadedModel):
                                state=merge_state, reuse=reuse)
         with attention_target(self.mesh):  # kernels for the mesh's platform, per shard
             out = model(sample, encoder_hidden_states, pooled, timestep, ctx,
-                        attention or self.attention)
+                        attention or self.attention, sharding.token_constraint(self.mesh))
         carried = merge is not None and merge.carries_cache
         return SD3Output(out, ctx.new_state() if carried else None)
 
@@ -303,8 +308,6 @@ def abstract_sd3_transformer(config: SD3Config | dict, dtype=jnp.bfloat16,
                              attention="auto", mesh=None) -> SD3Transformer:
     """Shapes only, for lowering and cost analysis of full-size architectures (``mesh``:
     placed there by the sharding rules, as `abstract_flux_transformer`)."""
-    from .. import sharding
-
     if isinstance(config, dict):
         config = SD3Config.from_dict(config)
     dtype, param_dtype = weights.dtypes(dtype)

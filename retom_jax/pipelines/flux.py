@@ -351,6 +351,12 @@ class FluxPipeline:
         needs_key = merge is not None and getattr(merge, "use_rand", False)
         return static, (cond, latents, state, merge_state, k_loop if needs_key else None)
 
+    def sample_program(self, static: FluxSampleConfig):
+        """The jitted sampling program of ``static``: ``f(params, cond, latents, state,
+        merge_state, key)`` -> images (or packed latents); what a call compiles
+        (`retom_jax.analysis.tpu` lowers it for TPU slices with abstract arguments)."""
+        return jax.jit(lambda p, *a: self._sample(static, p, *a))
+
     def _program(self, static, args):
         sig = jax.tree_util.tree_structure(args), tuple(
             (np.shape(a), str(a.dtype)) for a in jax.tree_util.tree_leaves(args))
@@ -358,7 +364,7 @@ class FluxPipeline:
         compile_s = 0.0
         if cache_key not in self._programs:
             t0 = time.perf_counter()
-            fn = jax.jit(lambda p, *a: self._sample(static, p, *a))
+            fn = self.sample_program(static)
             self._programs[cache_key] = fn.lower(self.params(), *args).compile()
             compile_s = time.perf_counter() - t0
         return self._programs[cache_key], compile_s
