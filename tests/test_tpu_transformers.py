@@ -11,8 +11,12 @@ HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
 def test_flux_and_sd3_kernels_split_over_fsdp(tmp_path):
+    """And the tiny Flux pipeline program (2 steps + decode) compiles on that mesh."""
     rows = run_on_host_devices("tests.transformer_placement_cases", tmp_path / "out.json",
                                devices=4, timeout=600)
+    pipeline = rows.pop()
+    assert pipeline["rows"] == 4 and pipeline["output"] == [[4, 64, 64, 3]], pipeline
+    assert pipeline["collectives"]["all-gather"] > 0
     for row in rows[1:]:
         kernels = row["big_kernels"]
         assert kernels, row["model"]

@@ -10,7 +10,8 @@ from pathlib import Path
 import jax
 
 from retom_jax import sharding
-from retom_jax.analysis.tpu_transformers import abstract_transformer, param_bytes
+from retom_jax.analysis.tpu_transformers import (abstract_transformer, flux_pipeline_program,
+                                                 param_bytes)
 
 
 def main(out):
@@ -24,6 +25,13 @@ def main(out):
         total, per = param_bytes(tr.params)
         rows.append({"model": model, "mesh": str(tr.mesh.shape), "big_kernels": big,
                      "param_bytes": total, "param_bytes_per_device": per})
+    jitted, args, info = flux_pipeline_program("flux-tiny", mesh, "retom", size=64, batch=1,
+                                               steps=2)
+    compiled = jitted.lower(*args).compile()
+    rows.append({"pipeline": "flux-tiny", **info,
+                 "collectives": sharding.count_collectives(compiled.as_text()),
+                 "output": [list(o.shape) for o in jax.tree_util.tree_leaves(
+                     compiled.out_info)]})
     Path(out).write_text(json.dumps(rows))
 
 
