@@ -39,7 +39,7 @@ __all__ = [
     "AXES", "LOGICAL_AXIS_RULES", "MIN_SHARD_SIZE", "make_mesh", "parse_mesh", "logical_spec",
     "param_logical_axes", "param_spec", "param_placement", "shard_params", "padded_batch",
     "check_split", "initialize_distributed", "mesh_shape", "to_host", "shard_batch",
-    "abstract_params", "token_constraint",
+    "abstract_params", "abstract_array", "token_constraint",
 ]
 
 AXES = ("data", "fsdp", "spatial")
@@ -253,6 +253,14 @@ def abstract_params(params, mesh: Mesh | None = None, min_size: int | None = Non
         return jax.ShapeDtypeStruct(shape, a.dtype, sharding=None if place is None else
                                     place(flat_path(keypath), shape))
     return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def abstract_array(shape, dtype, mesh: Mesh, names) -> jax.ShapeDtypeStruct:
+    """An abstract argument ``shape`` / ``dtype`` split over ``mesh`` by the logical axis
+    ``names`` (``("batch", None, "rows", None)`` ...): what a program lowered for a mesh
+    takes in place of an input."""
+    return jax.ShapeDtypeStruct(shape, dtype,
+                                sharding=NamedSharding(mesh, logical_spec(names, mesh)))
 
 
 def shard_params(params, mesh: Mesh, min_size: int | None = None):

@@ -229,7 +229,8 @@ class Roofline:
     memory_seconds: float = 0.0   # ... and those bound by bytes
     loops: int = 0                # while loops seen (with their trip counts applied)
     unknown_trip_counts: int = 0  # loops without a known_trip_count (counted once)
-    splash_calls: int = 0
+    splash_calls: int = 0         # splash kernel runs (loop trip counts applied)
+    splash_sites: int = 0         # ... and their call sites in the program
     by_source: dict = dataclasses.field(default_factory=dict)  # seconds per `source_of`
 
     def add(self, flops, nbytes_, peak, bw, times=1.0, source=None):
@@ -344,6 +345,7 @@ def roofline(hlo_text: str, peak_flops: float, hbm_bandwidth: float) -> Roofline
             elif is_splash(ins):
                 flops = splash_flops(ins)
                 out.splash_calls += int(times)
+                out.splash_sites += 1
             else:
                 flops = 0.0
             out.add(flops, moved, peak_flops, hbm_bandwidth, times, source_of(ins))

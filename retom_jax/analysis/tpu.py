@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..sharding import abstract_array
+
 from .tpu_transformers import TRANSFORMER_MODELS, flux_pipeline_program, transformer_program
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several processes may load it
@@ -178,23 +180,12 @@ def _vae_config(model: str):
     return VAEConfig(**_SD_VAE, scaling_factor=0.13025 if model == "sdxl" else 0.18215)
 
 
-def _abstract_params(state, mesh):
-    """An NNX state's leaves as ShapeDtypeStructs placed on ``mesh`` by the rules."""
-    from .. import sharding
-
-    place = sharding.param_placement(mesh)
-
-    def leaf(keypath, a):
-        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=place(
-            sharding.flat_path(keypath), a.shape))
-    return jax.tree_util.tree_map_with_path(leaf, state)
-
-
 def abstract_unet(model: str, mesh, dtype=jnp.bfloat16, attention: str = "auto"):
     """A ``retom_jax.UNet`` of ``model``'s architecture whose parameters are abstract
     (shapes and shardings on ``mesh``, no values)."""
     from flax import nnx
 
+    from .. import sharding
     from ..models import weights
     from ..models.unet import UNet, UNet2DConditionModel
 
@@ -202,19 +193,21 @@ def abstract_unet(model: str, mesh, dtype=jnp.bfloat16, attention: str = "auto")
     module = weights.abstract_module(lambda rngs: UNet2DConditionModel(
         config, attention=attention, dtype=dtype, param_dtype=dtype, rngs=rngs))
     graphdef, state = nnx.split(module)
-    return UNet(config, graphdef, _abstract_params(state, mesh), dtype, attention, mesh)
+    placed = sharding.abstract_params(state, mesh)
+    return UNet(config, graphdef, placed, dtype, attention, mesh)
 
 
 def abstract_vae(model: str, mesh, dtype=jnp.bfloat16):
     from flax import nnx
 
+    from .. import sharding
     from ..models.vae import VAE, build_vae_module
 
     cfg = _vae_config(model)
     module = nnx.eval_shape(lambda: build_vae_module(cfg, dtype=dtype, param_dtype=dtype))
     graphdef, state = nnx.split(module)
-    return VAE(cfg, graphdef, _abstract_params(state, mesh), dtype=dtype, param_dtype=dtype,
-               mesh=mesh)
+    return VAE(cfg, graphdef, sharding.abstract_params(state, mesh), dtype=dtype,
+               param_dtype=dtype, mesh=mesh)
 
 
 # --------------------------------------------------------------------------- methods
@@ -286,20 +279,12 @@ def _first_level(config) -> int:
 
 # --------------------------------------------------------------------------- programs
 
-def _spec(shape, dtype, mesh, names):
-    from jax.sharding import NamedSharding
-
-    from .. import sharding
-
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
-        mesh, sharding.logical_spec(names, mesh)))
-
-
 def _added(config, rows, mesh):
     if config.addition_embed_type != "text_time":
         return None
-    return {"text_embeds": _spec((rows, SDXL_POOLED), jnp.float32, mesh, ("batch", None)),
-            "time_ids": _spec((rows, 6), jnp.float32, mesh, ("batch", None))}
+    return {"text_embeds": abstract_array((rows, SDXL_POOLED), jnp.float32, mesh,
+                                          ("batch", None)),
+            "time_ids": abstract_array((rows, 6), jnp.float32, mesh, ("batch", None))}
 
 
 def unet_call_program(unet, merge, batch: int, size: int, vae_factor: int = 8):
@@ -311,9 +296,10 @@ def unet_call_program(unet, merge, batch: int, size: int, vae_factor: int = 8):
     c, mesh = unet.config, unet.mesh
     hw = size // vae_factor
     rows = sharding.padded_batch(batch, mesh)
-    sample = _spec((rows, c.in_channels, hw, hw), unet.dtype, mesh, ("batch", None, "rows", None))
-    ehs = _spec((rows, TEXT_TOKENS, c.cross_attention_dim[0]), unet.dtype, mesh,
-                ("batch", None, None))
+    sample = abstract_array((rows, c.in_channels, hw, hw), unet.dtype, mesh,
+                            ("batch", None, "rows", None))
+    ehs = abstract_array((rows, TEXT_TOKENS, c.cross_attention_dim[0]), unet.dtype, mesh,
+                         ("batch", None, None))
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     added = _added(c, rows, mesh)
@@ -380,10 +366,11 @@ def pipeline_program(pipe, merge, batch: int, size: int, steps: int):
     hw = (size // f, size // f)
     c = pipe.unet.config
     shape = (rows, c.in_channels) + hw
-    latent = _spec(shape, jnp.float32, mesh, ("batch", None, "rows", None))
+    latent = abstract_array(shape, jnp.float32, mesh, ("batch", None, "rows", None))
     rep = NamedSharding(mesh, PartitionSpec())
-    cond = {"encoder_hidden_states": _spec((2 * rows, TEXT_TOKENS, c.cross_attention_dim[0]),
-                                           pipe.unet.dtype, mesh, ("batch", None, None))}
+    cond = {"encoder_hidden_states": abstract_array(
+        (2 * rows, TEXT_TOKENS, c.cross_attention_dim[0]), pipe.unet.dtype, mesh,
+        ("batch", None, None))}
     cond.update(_added(c, 2 * rows, mesh) or {})
     state = pipe.scheduler.set_timesteps(steps, shape, jnp.float32)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
@@ -415,11 +402,9 @@ def analyse(compiled, chip: Chip) -> dict:
     mem = compiled.memory_analysis()
     cost = _first(compiled.cost_analysis()) or {}
     roof = roofline(text, chip.peak_bf16_flops, chip.hbm_bandwidth)
-    splash_calls = sum(1 for line in text.splitlines()
-                       if "custom-call(" in line and "splash" in line.lower())
     row = {
-        "splash": splash_calls > 0,
-        "splash_calls": splash_calls,  # call sites in the program text
+        "splash": roof.splash_sites > 0,
+        "splash_calls": roof.splash_sites,  # call sites in the program text
         "argument_bytes": int(mem.argument_size_in_bytes),
         "temp_bytes": int(mem.temp_size_in_bytes),
         "output_bytes": int(mem.output_size_in_bytes),

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..sharding import abstract_array
+
 __all__ = ["TRANSFORMER_MODELS", "TEXT_TOKENS", "FLUX_TINY", "SD3_TINY", "FLUX_VAE",
            "FLUX_SCHEDULER", "transformer_methods", "make_transformer_method",
            "transformer_config", "abstract_transformer", "transformer_call_program",
@@ -112,15 +114,6 @@ def abstract_transformer(model: str, mesh, dtype=jnp.bfloat16, attention: str = 
     return abstract_sd3_transformer(config, dtype=dtype, attention=attention, mesh=mesh)
 
 
-def _spec(shape, dtype, mesh, names):
-    from jax.sharding import NamedSharding
-
-    from .. import sharding
-
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
-        mesh, sharding.logical_spec(names, mesh)))
-
-
 def transformer_call_program(model, merge, batch: int, size: int, text: int | None = None):
     """``(jitted, args)``: one transformer call on ``batch`` images of ``size`` px (the
     VAE's /8 then 2x2 patches: ``(size / 16)^2`` image tokens) and ``text`` text tokens
@@ -133,12 +126,14 @@ def transformer_call_program(model, merge, batch: int, size: int, text: int | No
     rows = sharding.padded_batch(batch, mesh)
     side = size // 16
     grid = (side, side)
-    vec = lambda n, d=dt: _spec((rows, n), d, mesh, ("batch", None))  # noqa: E731
-    ehs = _spec((rows, text, cfg.joint_attention_dim), dt, mesh, ("batch", None, None))
-    t = _spec((rows,), jnp.float32, mesh, ("batch",))
+    vec = lambda n, d=dt: abstract_array((rows, n), d, mesh, ("batch", None))  # noqa: E731
+    ehs = abstract_array((rows, text, cfg.joint_attention_dim), dt, mesh,
+                         ("batch", None, None))
+    t = abstract_array((rows,), jnp.float32, mesh, ("batch",))
     if flux:
-        rep = lambda shape: _spec(shape, jnp.float32, mesh, (None, None))  # noqa: E731
-        x = _spec((rows, side * side, cfg.in_channels), dt, mesh, ("batch", None, None))
+        rep = lambda shape: abstract_array(shape, jnp.float32, mesh, (None, None))  # noqa: E731
+        x = abstract_array((rows, side * side, cfg.in_channels), dt, mesh,
+                           ("batch", None, None))
         g = t if cfg.guidance_embeds else None
         args = (x, ehs, vec(cfg.pooled_projection_dim), t, rep((side * side, 3)),
                 rep((text, 3)), g)
@@ -147,8 +142,8 @@ def transformer_call_program(model, merge, batch: int, size: int, text: int | No
             return model.apply(params, *a, merge=merge, grid=grid).sample
     else:
         p = cfg.patch_size
-        x = _spec((rows, cfg.in_channels, side * p, side * p), dt, mesh,
-                  ("batch", None, None, None))
+        x = abstract_array((rows, cfg.in_channels, side * p, side * p), dt, mesh,
+                           ("batch", None, None, None))
         args = (x, ehs, vec(cfg.pooled_projection_dim), t)
 
         def call(params, *a):
@@ -227,13 +222,15 @@ def flux_pipeline_program(model: str, mesh, method: str, *, size: int, batch: in
     n, cfg = side * side, tr.config
     rep = NamedSharding(mesh, PartitionSpec())
     f32 = jnp.float32
-    cond = {"embeds": _spec((rows, text, cfg.joint_attention_dim), dtype, mesh,
-                            ("batch", None, None)),
-            "pooled": _spec((rows, cfg.pooled_projection_dim), dtype, mesh, ("batch", None)),
-            "guidance": _spec((rows,), f32, mesh, ("batch",)) if cfg.guidance_embeds else None,
+    guidance = abstract_array((rows,), f32, mesh, ("batch",)) if cfg.guidance_embeds else None
+    cond = {"embeds": abstract_array((rows, text, cfg.joint_attention_dim), dtype, mesh,
+                                     ("batch", None, None)),
+            "pooled": abstract_array((rows, cfg.pooled_projection_dim), dtype, mesh,
+                                     ("batch", None)),
+            "guidance": guidance,
             "img_ids": jax.ShapeDtypeStruct((n, 3), f32, sharding=rep),
             "txt_ids": jax.ShapeDtypeStruct((text, 3), f32, sharding=rep)}
-    latents = _spec((rows, n, cfg.in_channels), f32, mesh, ("batch", None, None))
+    latents = abstract_array((rows, n, cfg.in_channels), f32, mesh, ("batch", None, None))
     state = sched.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps),
                                 mu=sched.mu(n))
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=rep),

@@ -173,9 +173,8 @@ class FluxPipeline:
         x, state = self.scheduler.step(state, pred, i, x)
         return x.astype(_F32), state, out.merge_state
 
-    def _decode(self, params, packed, static: FluxSampleConfig):
-        h, w = (2 * s for s in static.grid)
-        z = self.vae.config.from_model_latents(unpack(packed, h, w))
+    def _decode(self, params, x, static: FluxSampleConfig):
+        z = self.vae.config.from_model_latents(self._from_carry(x, static))
         img = self.vae.apply_decode(params["vae"], z.astype(self.vae.dtype)).astype(_F32)
         return jnp.transpose(jnp.clip(img / 2 + 0.5, 0.0, 1.0), (0, 2, 3, 1))
 
@@ -195,6 +194,10 @@ class FluxPipeline:
     def _to_carry(self, z):
         """NCHW model latents as the loop carries them (Flux: packed)."""
         return pack(z)
+
+    def _from_carry(self, x, static: FluxSampleConfig):
+        """The inverse of `_to_carry`: the loop's latents as NCHW model latents."""
+        return unpack(x, *(2 * s for s in static.grid))
 
     def _check_image(self, image, strength, height, width, latents, prompt):
         """``(images NCHW in [-1, 1] or None, strength, height, width)``: the init image

@@ -108,13 +108,10 @@ class StableDiffusion3Pipeline(FluxPipeline):
         return self.vae_scale_factor * self.transformer.config.patch_size
 
     def _to_carry(self, z):
-        return z
+        return z  # SD3 carries NCHW latents
 
-    def _decode(self, params, x, static):
-        c = self.vae.config
-        z = x / c.scaling_factor + (c.shift_factor or 0.0)
-        img = self.vae.apply_decode(params["vae"], z.astype(self.vae.dtype)).astype(_F32)
-        return jnp.transpose(jnp.clip(img / 2 + 0.5, 0.0, 1.0), (0, 2, 3, 1))
+    def _from_carry(self, x, static):
+        return x
 
     def _prepare(self, prompt, num_inference_steps, guidance_scale, height, width,
                  num_images_per_prompt, seed, key, latents, max_sequence_length, merge,
