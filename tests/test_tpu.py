@@ -187,3 +187,25 @@ def test_splash_kernels_count_their_flops():
     r = roofline.roofline(SPLASH_HLO, peak_flops=1e14, hbm_bandwidth=1e12)
     assert r.splash_calls == 1
     assert r.flops == pytest.approx(4 * 16 * 2048 * 2048 * 128)
+
+
+@needs_libtpu
+def test_vae_decoder_keeps_activations_split_by_images(monkeypatch):
+    """SD's VAE decoder (`--program decode`) compiled for a v5e-4, four 512 px images, one
+    per chip: on fsdp=4 (kernels split) a chip holds no more temporaries than on data=4
+    (kernels whole), because the activations stay split by images between layers
+    (`VAE._constrain`). Without that, XLA splits them by channels after the split kernels
+    and gathers them back, and the temporaries grow (checked too, so the test can fail)."""
+    from retom_jax.analysis import tpu
+    from retom_jax.models.vae import VAE
+
+    def temps(mesh_text):
+        row = tpu.compile_row("decode", "sd15", "v5e:2x2", mesh_text, "none", size=512,
+                              batch=4)
+        assert row["compiled"] is True, row["compiled"]
+        return row["temp_bytes"]
+
+    data, fsdp = temps("data=4"), temps("data=1,fsdp=4")  # 965 / 956 MB with libtpu 0.0.42
+    assert fsdp <= 1.05 * data, (fsdp, data)
+    monkeypatch.setattr(VAE, "_constrain", lambda self: (lambda x: x))
+    assert temps("data=1,fsdp=4") > 2 * data  # 2,729 MB

@@ -154,7 +154,7 @@ _SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, late
 UNET_MODELS = ("demo", "sd15", "sd2", "sdxl")
 # The diffusion transformers (``--program transformer``): `tpu_transformers`.
 MODELS = UNET_MODELS + tuple(TRANSFORMER_MODELS)
-PROGRAMS = ("unet", "pipeline", "transformer")
+PROGRAMS = ("unet", "pipeline", "transformer", "decode")
 TEXT_TOKENS = 77
 SDXL_POOLED = 1280  # text_encoder_2's projection: SDXL's text_embeds width
 
@@ -311,6 +311,18 @@ def unet_call_program(unet, merge, batch: int, size: int, vae_factor: int = 8):
         return out.sample
 
     return jax.jit(call), (unet.params, sample, ehs, added, key)
+
+
+def decode_program(vae, batch: int, size: int):
+    """``(jitted, args)``: the VAE decoder on ``batch`` images of ``size`` px (latents split
+    by images over data x fsdp and by rows over spatial), abstract arguments."""
+    from .. import sharding
+
+    hw = size // vae.config.vae_scale_factor
+    rows = sharding.padded_batch(batch, vae.mesh)
+    z = abstract_array((rows, vae.config.latent_channels, hw, hw), vae.dtype, vae.mesh,
+                       ("batch", None, "rows", None))
+    return jax.jit(vae.apply_decode), (vae.params, z)
 
 
 def abstract_pipeline(model: str, mesh, dtype=jnp.bfloat16):
@@ -472,7 +484,8 @@ def compile_row(program: str, model: str, topology: str, mesh_text: str, method:
                 size: int, batch: int, steps: int = 30, ratio: float = 0.5,
                 dtype=jnp.bfloat16, keep_text: bool = False) -> dict:
     """Compile one program (``"unet"``: one UNet call; ``"pipeline"``: the sampling loop
-    and the decoder; ``"transformer"``: one call of a diffusion transformer, ``model``
+    and the decoder; ``"decode"``: the VAE decoder alone, ``batch`` images, no merging;
+    ``"transformer"``: one call of a diffusion transformer, ``model``
     one of `TRANSFORMER_MODELS`) for ``topology`` / ``mesh_text`` and return its row. A
     program that does not compile gives ``compiled`` = the one-line reason."""
     chip = chip_for(topology)
@@ -497,6 +510,8 @@ def compile_row(program: str, model: str, topology: str, mesh_text: str, method:
             pipe = abstract_pipeline(model, mesh, dtype)
             merge = make_method(method, ratio, _first_level(pipe.unet.config))
             jitted, args = pipeline_program(pipe, merge, batch, size, steps)
+        elif program == "decode":
+            jitted, args = decode_program(abstract_vae(model, mesh, dtype), batch, size)
         elif program == "transformer":
             jitted, args, info = transformer_program(model, mesh, method, size=size,
                                                      batch=batch, ratio=ratio, dtype=dtype)
@@ -529,7 +544,8 @@ def run(programs=("unet", "pipeline"), models=("demo",), topologies=("v5e:2x2",)
             for size in sizes or [_default_size(model)]:
                 for topology in topologies:
                     for mesh_text in meshes:
-                        for method in methods:
+                        # the decoder does not merge: one row, whatever the methods
+                        for method in (["none"] if program == "decode" else methods):
                             row = compile_row(program, model, topology, mesh_text, method,
                                               size=size, batch=batch, steps=steps,
                                               ratio=ratio, dtype=dtype)
@@ -603,7 +619,7 @@ def build_parser(prog: str = "retom-jax bench tpu") -> argparse.ArgumentParser:
     p.add_argument("--program", nargs="+", default=["unet", "pipeline"], choices=PROGRAMS,
                    help="unet / pipeline (UNet models; pipeline also for flux-dev / "
                         "flux-schnell); transformer (flux-dev, flux-schnell, sd35-medium: "
-                        "one transformer call)")
+                        "one transformer call); decode (UNet models: the VAE decoder alone)")
     p.add_argument("--methods", nargs="+", default=["none", "free", "retom"],
                    choices=list(dict.fromkeys([*METHODS, "retom_attn"])),
                    help="transformers: none, retom (merge_mlp), retom_attn, tome, todo")
@@ -611,7 +627,7 @@ def build_parser(prog: str = "retom-jax bench tpu") -> argparse.ArgumentParser:
                    help="image sizes in px (default: 64 demo, 512 sd15/sd2, 1024 sdxl and "
                         "the transformers)")
     p.add_argument("--batch", type=int, default=2, help="UNet batch for 'unet'; images "
-                   "for 'pipeline' (guidance doubles the UNet's)")
+                   "for 'pipeline' (guidance doubles the UNet's) and 'decode'")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
