@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import sharding
 from ..sharding import abstract_array
 
 from .tpu_transformers import TRANSFORMER_MODELS, flux_pipeline_program, transformer_program
@@ -122,8 +123,6 @@ def topology_devices(topology: str) -> list:
 def tpu_mesh(topology: str, mesh: str | dict = "data=-1"):
     """A ``("data", "fsdp", "spatial")`` mesh (`retom_jax.sharding.make_mesh`) over a
     slice's devices; ``mesh``: ``"data=4"``, ``"data=8,fsdp=2"``, ``"spatial=8"`` ..."""
-    from .. import sharding
-
     sizes = sharding.parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
     return sharding.make_mesh(**sizes, devices=topology_devices(topology))
 
@@ -185,7 +184,6 @@ def abstract_unet(model: str, mesh, dtype=jnp.bfloat16, attention: str = "auto")
     (shapes and shardings on ``mesh``, no values)."""
     from flax import nnx
 
-    from .. import sharding
     from ..models import weights
     from ..models.unet import UNet, UNet2DConditionModel
 
@@ -200,7 +198,6 @@ def abstract_unet(model: str, mesh, dtype=jnp.bfloat16, attention: str = "auto")
 def abstract_vae(model: str, mesh, dtype=jnp.bfloat16):
     from flax import nnx
 
-    from .. import sharding
     from ..models.vae import VAE, build_vae_module
 
     cfg = _vae_config(model)
@@ -291,8 +288,6 @@ def unet_call_program(unet, merge, batch: int, size: int, vae_factor: int = 8):
     """``(jitted, args)``: one UNet call on ``batch`` latents of a ``size`` px image
     (``size / vae_factor`` latent rows; batch sharded over data x fsdp, rows over
     spatial), abstract arguments."""
-    from .. import sharding
-
     c, mesh = unet.config, unet.mesh
     hw = size // vae_factor
     rows = sharding.padded_batch(batch, mesh)
@@ -316,8 +311,6 @@ def unet_call_program(unet, merge, batch: int, size: int, vae_factor: int = 8):
 def decode_program(vae, batch: int, size: int):
     """``(jitted, args)``: the VAE decoder on ``batch`` images of ``size`` px (latents split
     by images over data x fsdp and by rows over spatial), abstract arguments."""
-    from .. import sharding
-
     hw = size // vae.config.vae_scale_factor
     rows = sharding.padded_batch(batch, vae.mesh)
     z = abstract_array((rows, vae.config.latent_channels, hw, hw), vae.dtype, vae.mesh,
@@ -368,7 +361,6 @@ def pipeline_program(pipe, merge, batch: int, size: int, steps: int):
     arguments."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from .. import sharding
     from ..pipelines.mesh import sample_jit
     from ..pipelines.request import SampleConfig
 
@@ -407,7 +399,6 @@ def _first(info):
 def analyse(compiled, chip: Chip) -> dict:
     """The row fields of a compiled TPU program: per-chip bytes, XLA's counts and time
     estimate, the roofline estimate, collectives, whether splash is in it."""
-    from .. import sharding
     from .roofline import roofline, top_sources
 
     text = compiled.as_text()
